@@ -1,0 +1,221 @@
+"""Benchmarks of the selective-scan engines (``refssm bench``).
+
+Speed is measured here, never asserted in tests. Each entry is the median of
+``repeats`` timed runs after one warm-up run (which also triggers Numba's JIT
+or loads its cache), with ratios against the NumPy engine of the same run and,
+when torch is installed, against a torch transcription of the official
+``selective_scan_ref`` loop. Peak extra memory is the growth of the process's
+resident set (Linux ``VmHWM`` after resetting it through
+``/proc/self/clear_refs``) during one forward+backward, so it counts Numba's
+allocations as well as NumPy's.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .ssm.selective_scan import ENGINES, selective_scan_backward, selective_scan_forward
+
+__all__ = ["WORKLOADS", "BenchResult", "make_inputs", "bench_scan", "format_bench"]
+
+#: name -> (batch, channels, seq_len, state), from the core issue.
+WORKLOADS = {
+    "W1": (1, 1536, 2048, 16),
+    "W2": (8, 512, 1024, 16),
+    "W3": (1, 256, 60, 16),
+    "W4": (1, 256, 65536, 16),
+}
+
+
+@dataclass
+class BenchResult:
+    """Timings of one engine on one workload and dtype (seconds, medians)."""
+
+    workload: str
+    dtype: str
+    engine: str
+    forward: float
+    forward_backward: float | None
+    peak_extra_bytes: int | None = None
+    input_bytes: int = 0
+    notes: list = field(default_factory=list)
+
+
+def make_inputs(batch, channels, seq_len, state, dtype=np.float64, seed=0):
+    """Mamba-like inputs: variable B/C, softplus delta in ~[1e-3, 0.1], D and z."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    return dict(
+        u=f(batch, seq_len, channels),
+        delta=rng.uniform(-6.0, -2.3, (batch, seq_len, channels)).astype(dtype),
+        A=(-np.tile(np.arange(1.0, state + 1), (channels, 1))).astype(dtype),
+        B=f(batch, seq_len, state), C=f(batch, seq_len, state),
+        D=np.ones(channels, dtype=dtype), z=f(batch, seq_len, channels),
+        delta_bias=np.zeros(channels, dtype=dtype), delta_softplus=True,
+    )
+
+
+def _median_time(fn, repeats):
+    fn()  # warm-up (JIT / cache load)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _rss_kib(key):
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _peak_extra_bytes(fn):
+    """Peak resident-set growth while ``fn`` runs (Linux only; None elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS:")
+    fn()
+    peak = _rss_kib("VmHWM:")
+    if before is None or peak is None:
+        return None
+    return max(0, (peak - before) * 1024)
+
+
+def _torch_fns(inputs):
+    """Forward and forward+backward closures of a torch transcription (or None)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    dtype = torch.float64 if inputs["u"].dtype == np.float64 else torch.float32
+    t = {k: torch.tensor(v, dtype=dtype) for k, v in inputs.items() if isinstance(v, np.ndarray)}
+
+    def forward(requires_grad=False):
+        tt = {k: v.clone().requires_grad_(requires_grad) for k, v in t.items()}
+        dt = torch.nn.functional.softplus(tt["delta"] + tt["delta_bias"])
+        h = torch.zeros(tt["u"].shape[0], tt["u"].shape[2], tt["A"].shape[1], dtype=dtype)
+        ys = []
+        for i in range(tt["u"].shape[1]):
+            h = (torch.exp(dt[:, i, :, None] * tt["A"]) * h
+                 + dt[:, i, :, None] * tt["B"][:, i, None, :] * tt["u"][:, i, :, None])
+            ys.append(torch.einsum("bdn,bn->bd", h, tt["C"][:, i]))
+        y = (torch.stack(ys, 1) + tt["D"] * tt["u"]) * torch.nn.functional.silu(tt["z"])
+        return y
+
+    def fwd():
+        with torch.no_grad():
+            forward(False)
+
+    def fwd_bwd():
+        forward(True).sum().backward()
+
+    return fwd, fwd_bwd
+
+
+def bench_scan(workloads=("W1", "W2", "W3", "W4"), dtypes=("float64", "float32"),
+               engines=ENGINES, repeats=5, with_torch=True, torch_backward_max=2_000_000,
+               numpy_max_elements=None, progress=sys.stderr, sizes=None):
+    """Time every engine on every workload; returns a list of :class:`BenchResult`.
+
+    Parameters
+    ----------
+    workloads : sequence of str
+        Keys of :data:`WORKLOADS` (or of ``sizes``).
+    dtypes : sequence of str
+    engines : sequence of str
+    repeats : int
+        Timed runs per figure (median reported), after one warm-up.
+    with_torch : bool
+        Also time a torch transcription when torch is importable.
+    torch_backward_max : int
+        Skip torch forward+backward above this many ``batch*seq_len*channels``
+        elements (autograd over a Python loop takes minutes at W1).
+    sizes : dict, optional
+        Override :data:`WORKLOADS` (tests use tiny sizes).
+    """
+    sizes = sizes or WORKLOADS
+    results = []
+    for wl in workloads:
+        batch, channels, seq_len, state = sizes[wl]
+        for dtype in dtypes:
+            inputs = make_inputs(batch, channels, seq_len, state, np.dtype(dtype))
+            in_bytes = sum(v.nbytes for v in inputs.values() if isinstance(v, np.ndarray))
+            d_out = np.ones_like(inputs["u"])
+            for engine in engines:
+                if progress:
+                    print(f"  {wl} {dtype} {engine} ...", file=progress, flush=True)
+
+                def fwd(engine=engine):
+                    return selective_scan_forward(**inputs, engine=engine)
+
+                def fwd_bwd(engine=engine):
+                    _, _, saved = selective_scan_forward(**inputs, engine=engine)
+                    return selective_scan_backward(d_out, None, saved)
+
+                r_fwd = _median_time(fwd, repeats)
+                r_fb = _median_time(fwd_bwd, repeats)
+                peak = _peak_extra_bytes(fwd_bwd)
+                results.append(BenchResult(wl, dtype, engine, r_fwd, r_fb, peak, in_bytes))
+            if with_torch:
+                fns = _torch_fns(inputs)
+                if fns is not None:
+                    if progress:
+                        print(f"  {wl} {dtype} torch ...", file=progress, flush=True)
+                    t_fwd = _median_time(fns[0], max(1, min(repeats, 3)))
+                    n = batch * seq_len * channels
+                    t_fb = _median_time(fns[1], 1) if n <= torch_backward_max else None
+                    notes = [] if t_fb is not None else ["fwd+bwd skipped (minutes)"]
+                    results.append(BenchResult(wl, dtype, "torch", t_fwd, t_fb, None, in_bytes,
+                                               notes))
+    return results
+
+
+def _fmt_time(s):
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.2f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def format_bench(results) -> str:
+    """A table: medians, ratio of NumPy's time to each engine's, peak extra memory."""
+    rows = [("workload", "dtype", "engine", "forward", "x numpy", "fwd+bwd", "x numpy",
+             "peak extra / inputs")]
+    by_key = {(r.workload, r.dtype, r.engine): r for r in results}
+    for r in results:
+        ref = by_key.get((r.workload, r.dtype, "numpy"))
+        fr = f"{ref.forward / r.forward:.1f}x" if ref else "-"
+        br = (f"{ref.forward_backward / r.forward_backward:.1f}x"
+              if ref and r.forward_backward else "-")
+        mem = (f"{r.peak_extra_bytes / 2**20:.0f} MiB / {r.input_bytes / 2**20:.0f} MiB"
+               if r.peak_extra_bytes is not None else "-")
+        rows.append((r.workload, r.dtype, r.engine, _fmt_time(r.forward), fr,
+                     _fmt_time(r.forward_backward), br, mem + ("  " + "; ".join(r.notes)
+                                                               if r.notes else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(f"threads: {_num_threads()}; ratios are NumPy time / engine time (same run)")
+    return "\n".join(lines)
+
+
+def _num_threads():
+    try:
+        import numba
+        return numba.get_num_threads()
+    except Exception:  # pragma: no cover
+        return os.cpu_count()

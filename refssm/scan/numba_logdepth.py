@@ -1,0 +1,419 @@
+"""The log-depth engine: the selective scan as a Blelloch parallel prefix scan.
+
+Same core, signatures and return conventions as :mod:`refssm.scan.numpy_seq`
+(read its docstrings for the math and the ``[bB, LB, G, N]`` layout of B/C);
+only the order of the floating-point operations differs.
+
+The recurrence ``h[t] = a[t] * h[t-1] + b[t]`` with ``a = exp(dt * A)`` and
+``b = dtB * B * u`` is a scan under the associative operator::
+
+    (a1, b1) o (a2, b2) = (a1 * a2,  a2 * b1 + b2)      identity I = (1, 0)
+
+("first apply step 1, then step 2"). It is evaluated with the work-efficient
+up-sweep / down-sweep of Blelloch (1990, "Prefix sums and their
+applications", CMU-CS-90-190, section 1.3): ``2 (L - 1)`` combines and
+``2 log2 L`` levels; Martin & Cundy (2018, "Parallelizing linear recurrent
+neural nets over sequence length", ICLR) use the same operator for linear
+recurrences. The tree over time for ``L = 8`` (``[i:j]`` = ``x_i o ... o x_j``;
+each buffer has one extra row, ``L_pad``, that receives the total)::
+
+    up-sweep (reduce)
+        x0   x1   x2   x3   x4   x5   x6   x7
+         \\    |    \\    |    \\    |    \\    |
+          [0:1]     [2:3]     [4:5]     [6:7]        d = 1
+              \\         |         \\         |
+               `------[0:3]        `------[4:7]       d = 2
+                          \\                  |
+                           `--------------[0:7]       d = 4
+
+    down-sweep (distribute): clear the root, then at each level the left
+    child takes the parent's prefix and the right child gets prefix o left
+
+        row:        0     1     2     3     4     5     6     7  |  8
+        after up:   x0  [0:1]   x2  [0:3]   x4  [4:5]   x6  [0:7] |
+        clear root: x0  [0:1]   x2  [0:3]   x4  [4:5]   x6    I   | [0:7]
+        d = 4:      x0  [0:1]   x2    I     x4  [4:5]   x6  [0:3] |
+        d = 2:      x0    I     x2  [0:1]   x4  [0:3]   x6  [0:5] |
+        d = 1:      I     x0  [0:1] [0:2] [0:3] [0:4] [0:5] [0:6] | [0:7]
+
+Row ``t`` then holds the exclusive prefix ``[0:t-1]``, i.e. ``h[t-1]``, and
+row ``t + 1`` holds ``h[t]`` (row ``L_pad`` = the total). Any ``seq_len`` is
+handled by padding to ``L_pad`` = the next power of two with ``I`` in the
+local buffer. The initial state is folded into the first element,
+``b[0] += a[0] * h0``, so ``[0:t]`` *is* ``h[t]``.
+
+Only the ``b`` half of the down-sweep is computed: the right child's new
+``b`` is ``a_left_total * b_prefix + b_left_total``, which reads the ``a``
+of a left subtree total (left untouched by the down-sweep) but never the
+``a`` of a prefix, so the prefix ``a`` products are dead values.
+
+Backward: the adjoint ``g[t] = dL/dh[t]`` obeys
+``g[t] = a[t+1] g[t+1] + C[t] dy[t]`` with ``g[L-1] = C[L-1] dy[L-1] + dh_last``,
+the same linear recurrence in reversed time; it runs through the same scan on
+the reversed, one-shifted coefficients. The forward states are recomputed
+inside the backward (one more scan) instead of being stored.
+
+Parallelism and memory: ``prange`` over a few *partitions* of the flattened
+``batch x channels`` work items (so batch 1 still uses every thread). Each
+partition owns ``[L_pad + 1, state]`` scratch buffers (two in the forward,
+four in the backward) and, in the backward, private accumulators for the
+``A``, ``B4`` and ``C4`` gradients (sums over channels and batch), added up
+after the parallel loop: race-free, with extra memory ``partitions x (|A| +
+|B4| + |C4|)``. Nothing of size ``batch x seq_len x channels x state`` is
+ever allocated. No ``fastmath``: results are IEEE float32/float64, and the
+kernels compute in the dtype of their inputs (scalar accumulators of the
+per-step sums over ``state`` are float64).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "linear_scan",
+           "padded_length"]
+
+
+class LogDepthSaved(NamedTuple):
+    """What :func:`scan_core_forward` keeps for the backward: its inputs only.
+
+    The states ``h`` are *not* saved; the backward recomputes them with one
+    more log-depth scan. All arrays are the caller's (no copies).
+
+    Attributes
+    ----------
+    u, dt, dtB : ndarray ``[batch, seq_len, channels]``
+    A : ndarray ``[channels, state]``
+    B4, C4 : ndarray ``[bB, LB, G, state]``
+    h0 : ndarray ``[batch, channels, state]``
+    """
+
+    u: np.ndarray
+    dt: np.ndarray
+    dtB: np.ndarray
+    A: np.ndarray
+    B4: np.ndarray
+    C4: np.ndarray
+    h0: np.ndarray
+
+
+# --------------------------------------------------------------------------
+# The scan itself: operator, up-sweep, down-sweep (time on axis 0, state on 1)
+# --------------------------------------------------------------------------
+
+@njit(cache=True)
+def padded_length(L):
+    """Smallest power of two ``>= L`` (``L >= 1``)."""
+    p = 1
+    while p < L:
+        p *= 2
+    return p
+
+
+@njit(cache=True, inline="always")
+def _combine(a1, b1, a2, b2):
+    """``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``: step 1 then step 2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@njit(cache=True)
+def _upsweep(xa, xb, Lp):
+    """Blelloch reduce, in place on rows ``0 .. Lp-1`` of ``xa, xb`` ``[Lp+1, N]``.
+
+    After it, row ``k 2d - 1`` holds the total of its subtree of ``2d`` rows;
+    row ``Lp - 1`` holds the total of everything (see the module docstring).
+    """
+    N = xa.shape[1]
+    d = 1
+    while d < Lp:
+        for i in range(2 * d - 1, Lp, 2 * d):
+            j = i - d
+            for n in range(N):
+                xa[i, n], xb[i, n] = _combine(xa[j, n], xb[j, n], xa[i, n], xb[i, n])
+        d *= 2
+
+
+@njit(cache=True)
+def _downsweep(xa, xb, Lp):
+    """Blelloch distribute, ``b`` half only: exclusive prefixes in ``xb``.
+
+    Moves the total to row ``Lp``, clears the root to the identity and walks
+    the tree down. Afterwards ``xb[t]`` is the ``b`` of ``[0:t-1]`` for
+    ``t = 0 .. Lp`` (``xb[0] = 0``, ``xb[Lp]`` the total). ``xa`` keeps the
+    up-sweep's subtree totals, which are all the down-sweep reads.
+    """
+    N = xa.shape[1]
+    for n in range(N):
+        xa[Lp, n] = xa[Lp - 1, n]
+        xb[Lp, n] = xb[Lp - 1, n]
+        xb[Lp - 1, n] = 0.0          # the root's prefix: identity (its a is never read)
+    d = Lp // 2
+    while d >= 1:
+        for i in range(2 * d - 1, Lp, 2 * d):
+            j = i - d                # end of the left subtree; i is the parent's row
+            for n in range(N):
+                left_b = xb[j, n]
+                xb[j, n] = xb[i, n]                     # left child: parent's prefix
+                # right child: prefix o left total (the a half is dead, see module doc)
+                xb[i, n] = xa[j, n] * xb[i, n] + left_b
+        d //= 2
+
+
+@njit(cache=True)
+def _scan(xa, xb, L):
+    """Pad rows ``L .. Lp-1`` with the identity, then up-sweep + down-sweep.
+
+    Parameters
+    ----------
+    xa, xb : ndarray ``[Lp + 1, N]``
+        Rows ``0 .. L-1`` hold the elements ``(a[t], b[t])`` on entry.
+    L : int
+
+    On return ``xb[t + 1]`` is the inclusive scan ``[0:t]`` for ``t < L``.
+    """
+    Lp = xa.shape[0] - 1
+    N = xa.shape[1]
+    for t in range(L, Lp):
+        for n in range(N):
+            xa[t, n] = 1.0
+            xb[t, n] = 0.0
+    _upsweep(xa, xb, Lp)
+    _downsweep(xa, xb, Lp)
+
+
+@njit(cache=True)
+def linear_scan(a, b):
+    """``h[t] = a[t] h[t-1] + b[t]`` with ``h[-1] = 0``, by :func:`_scan`.
+
+    Parameters
+    ----------
+    a, b : ndarray ``[L, N]``
+
+    Returns
+    -------
+    h : ndarray ``[L, N]``
+
+    The bare kernel (one work item), for tests.
+    """
+    L, N = a.shape
+    Lp = padded_length(L)
+    xa = np.empty((Lp + 1, N), dtype=a.dtype)
+    xb = np.empty((Lp + 1, N), dtype=a.dtype)
+    xa[:L] = a
+    xb[:L] = b
+    _scan(xa, xb, L)
+    return xb[1:L + 1].copy()
+
+
+# --------------------------------------------------------------------------
+# Forward / backward kernels
+# --------------------------------------------------------------------------
+
+@njit(cache=True)
+def _fill_forward(xa, xb, u, dt, dtB, A, B4, h0, b, c, gsB):
+    """Discretise work item ``(b, c)`` into rows ``0 .. L-1``; fold ``h0`` into row 0."""
+    L = u.shape[1]
+    N = A.shape[1]
+    bB = b if B4.shape[0] > 1 else 0
+    varB = B4.shape[1] > 1
+    grp = c // gsB
+    for t in range(L):
+        tB = t if varB else 0
+        dtv = dt[b, t, c]
+        dtBv = dtB[b, t, c]
+        uv = u[b, t, c]
+        for n in range(N):
+            xa[t, n] = math.exp(dtv * A[c, n])
+            xb[t, n] = dtBv * B4[bB, tB, grp, n] * uv
+    for n in range(N):
+        xb[0, n] += xa[0, n] * h0[b, c, n]
+
+
+def _partitions(work):
+    """How many parallel partitions to split ``work`` items into."""
+    return max(1, min(numba.get_num_threads(), work))
+
+
+@njit(parallel=True, cache=True)
+def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
+    batch, L, channels = u.shape
+    N = A.shape[1]
+    Lp = padded_length(L)
+    gsB = channels // B4.shape[2]
+    gsC = channels // C4.shape[2]
+    varC = C4.shape[1] > 1
+    W = batch * channels
+    for p in prange(P):
+        xa = np.empty((Lp + 1, N), dtype=u.dtype)
+        xb = np.empty((Lp + 1, N), dtype=u.dtype)
+        for w in range((p * W) // P, ((p + 1) * W) // P):
+            b = w // channels
+            c = w - b * channels
+            bC = b if C4.shape[0] > 1 else 0
+            grpC = c // gsC
+            _fill_forward(xa, xb, u, dt, dtB, A, B4, h0, b, c, gsB)
+            _scan(xa, xb, L)
+            for t in range(L):
+                tC = t if varC else 0
+                s = 0.0
+                for n in range(N):
+                    s += C4[bC, tC, grpC, n] * xb[t + 1, n]      # y[t] = C[t] . h[t]
+                y[b, t, c] = s
+            for n in range(N):
+                h_last[b, c, n] = xb[L, n]
+
+
+@njit(parallel=True, cache=True)
+def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
+                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P):
+    batch, L, channels = u.shape
+    N = A.shape[1]
+    Lp = padded_length(L)
+    gsB = channels // B4.shape[2]
+    gsC = channels // C4.shape[2]
+    varB = B4.shape[1] > 1
+    varC = C4.shape[1] > 1
+    W = batch * channels
+    for p in prange(P):
+        abar = np.empty((Lp + 1, N), dtype=u.dtype)   # a[t] (kept: the scan overwrites xa)
+        H = np.empty((Lp + 1, N), dtype=u.dtype)      # H[t] = h[t-1] (t >= 1), H[t+1] = h[t]
+        xa = np.empty((Lp + 1, N), dtype=u.dtype)     # scan scratch (a half)
+        G = np.empty((Lp + 1, N), dtype=u.dtype)      # G[L - t] = g[t] = dL/dh[t]
+        dA = dA_p[p]
+        dB = dB_p[p]
+        dC = dC_p[p]
+        for w in range((p * W) // P, ((p + 1) * W) // P):
+            b = w // channels
+            c = w - b * channels
+            bB = b if B4.shape[0] > 1 else 0
+            bC = b if C4.shape[0] > 1 else 0
+            grpB = c // gsB
+            grpC = c // gsC
+            # 1. recompute the forward states with the log-depth scan
+            _fill_forward(xa, H, u, dt, dtB, A, B4, h0, b, c, gsB)
+            for t in range(L):
+                for n in range(N):
+                    abar[t, n] = xa[t, n]
+            _scan(xa, H, L)
+            # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
+            #    with dh_last folded into element 0 (its a is never used: set to 1)
+            for s in range(L):
+                t = L - 1 - s
+                tC = t if varC else 0
+                dyv = dy[b, t, c]
+                for n in range(N):
+                    xa[s, n] = abar[t + 1, n] if s > 0 else 1.0
+                    G[s, n] = C4[bC, tC, grpC, n] * dyv
+            for n in range(N):
+                G[0, n] += dh_last[b, c, n]
+            _scan(xa, G, L)
+            # 3. the local gradient formulas (numpy_seq.scan_core_backward)
+            for t in range(L):
+                tB = t if varB else 0
+                tC = t if varC else 0
+                dtv = dt[b, t, c]
+                dtBv = dtB[b, t, c]
+                uv = u[b, t, c]
+                dyv = dy[b, t, c]
+                s_dt = 0.0
+                s_dtB = 0.0
+                s_u = 0.0
+                for n in range(N):
+                    g = G[L - t, n]
+                    hp = H[t, n] if t > 0 else h0[b, c, n]
+                    Bv = B4[bB, tB, grpB, n]
+                    d_dtA = g * hp * abar[t, n]                 # dL/d(dt A)
+                    s_dt += d_dtA * A[c, n]
+                    dA[c, n] += d_dtA * dtv
+                    s_dtB += g * Bv * uv
+                    s_u += g * dtBv * Bv
+                    dB[bB, tB, grpB, n] += g * dtBv * uv
+                    dC[bC, tC, grpC, n] += dyv * H[t + 1, n]
+                ddt[b, t, c] = s_dt
+                ddtB[b, t, c] = s_dtB
+                du[b, t, c] = s_u
+            for n in range(N):
+                dh0[b, c, n] = abar[0, n] * G[L, n]
+
+
+# --------------------------------------------------------------------------
+# Public core API (same as numpy_seq)
+# --------------------------------------------------------------------------
+
+def _c(x):
+    return np.ascontiguousarray(x)
+
+
+def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
+    """Selective scan core by a log-depth (Blelloch) scan over time.
+
+    Parameters and returns as :func:`refssm.scan.numpy_seq.scan_core_forward`:
+    ``u, dt, dtB`` ``[batch, seq_len, channels]``, ``A`` ``[channels, state]``,
+    ``B4, C4`` ``[bB, LB, G, state]``, ``h0`` ``[batch, channels, state]``,
+    all of one dtype (float32 or float64).
+
+    Returns
+    -------
+    y : ndarray ``[batch, seq_len, channels]``
+        ``y[t] = C[t] . h[t]``.
+    h_last : ndarray ``[batch, channels, state]``
+    saved : LogDepthSaved
+        The inputs; no states.
+
+    Examples
+    --------
+    >>> u = np.ones((1, 3, 1)); dt = np.full((1, 3, 1), 0.5)
+    >>> A = -np.ones((1, 1)); B4 = np.ones((1, 1, 1, 1)); C4 = np.ones((1, 1, 1, 1))
+    >>> y, h, _ = scan_core_forward(u, dt, dt, A, B4, C4, np.zeros((1, 1, 1)))
+    >>> np.round(y[0, :, 0], 4)
+    array([0.5   , 0.8033, 0.9872])
+    """
+    u, dt, dtB, A, B4, C4, h0 = (_c(x) for x in (u, dt, dtB, A, B4, C4, h0))
+    batch, _, channels = u.shape
+    y = np.empty_like(u)
+    h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
+    _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, _partitions(batch * channels))
+    return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
+
+
+def scan_core_backward(dy, dh_last, saved: LogDepthSaved):
+    """Manual backward of :func:`scan_core_forward`: a reverse-time log-depth scan.
+
+    Formulas of :func:`refssm.scan.numpy_seq.scan_core_backward`; the states
+    are recomputed by a forward scan per work item, the adjoint ``g`` by a
+    scan over reversed time (see the module docstring).
+
+    Parameters
+    ----------
+    dy : ndarray ``[batch, seq_len, channels]``
+    dh_last : ndarray ``[batch, channels, state]`` or None
+    saved : LogDepthSaved
+
+    Returns
+    -------
+    dict
+        ``u, dt, dtB`` ``[batch, seq_len, channels]``; ``A`` ``[channels, state]``;
+        ``B4, C4`` ``[bB, LB, G, state]``; ``h0`` ``[batch, channels, state]``.
+    """
+    u, dt, dtB, A, B4, C4, h0 = saved
+    dtype = u.dtype
+    dy = np.ascontiguousarray(dy, dtype=dtype)
+    if dh_last is None:
+        dh_last = np.zeros_like(h0)
+    dh_last = np.ascontiguousarray(dh_last, dtype=dtype)
+    batch, _, channels = u.shape
+    P = _partitions(batch * channels)
+    du = np.empty_like(u)
+    ddt = np.empty_like(u)
+    ddtB = np.empty_like(u)
+    dh0 = np.empty_like(h0)
+    dA_p = np.zeros((P,) + A.shape, dtype=dtype)
+    dB_p = np.zeros((P,) + B4.shape, dtype=dtype)
+    dC_p = np.zeros((P,) + C4.shape, dtype=dtype)
+    _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
+                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P)
+    return {"u": du, "dt": ddt, "dtB": ddtB, "A": dA_p.sum(axis=0),
+            "B4": dB_p.sum(axis=0), "C4": dC_p.sum(axis=0), "h0": dh0}

@@ -1,0 +1,61 @@
+"""Run the oracle checks and render their figures (table, JSON, Markdown)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .core import CORE_CHECKS, Figure
+
+__all__ = ["run_checks", "format_table", "format_markdown", "to_json"]
+
+
+def run_checks(checks=CORE_CHECKS, progress=sys.stderr) -> list[Figure]:
+    """Run every check in order, printing one progress line per check to ``progress``."""
+    figures: list[Figure] = []
+    for i, check in enumerate(checks, 1):
+        t0 = time.perf_counter()
+        if progress is not None:
+            print(f"[{i}/{len(checks)}] {check.__name__} ...", end="", file=progress, flush=True)
+        figs = check()
+        figures.extend(figs)
+        if progress is not None:
+            bad = sum(not f.ok for f in figs)
+            status = "ok" if not bad else f"{bad} OVER BUDGET"
+            print(f" {status} ({time.perf_counter() - t0:.1f} s)", file=progress, flush=True)
+    return figures
+
+
+def format_table(figures: list[Figure]) -> str:
+    """A fixed-width table: arch, preset, check, value, budget, ok."""
+    rows = [("arch", "preset", "check", "value", "budget", "ok")]
+    for f in figures:
+        rows.append((f.arch, f.preset, f.check, f"{f.value:.2e}", f"{f.budget:.0e}",
+                     "ok" if f.ok else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    n_bad = sum(not f.ok for f in figures)
+    lines.append("")
+    lines.append(f"{len(figures)} figures, {len(figures) - n_bad} within budget, {n_bad} over budget")
+    return "\n".join(lines)
+
+
+def format_markdown(figures: list[Figure]) -> str:
+    """A Markdown report with one table row per figure."""
+    out = ["# refssm verify report", "",
+           "| arch | preset | check | value | budget | ok | detail |",
+           "|---|---|---|---:|---:|---|---|"]
+    for f in figures:
+        out.append(f"| {f.arch} | {f.preset} | {f.check} | {f.value:.2e} | {f.budget:.0e} | "
+                   f"{'ok' if f.ok else '**FAIL**'} | {f.detail} |")
+    return "\n".join(out) + "\n"
+
+
+def to_json(figures: list[Figure]) -> str:
+    """``[{"arch", "preset", "check", "value", "budget", "ok", "detail"}]``."""
+    return json.dumps([f.as_dict() for f in figures], indent=2)
