@@ -8,6 +8,8 @@ Examples
     refssm verify --json figures.json --report report.md
     refssm bench                       # time the scan engines (W1-W4, float64 and float32)
     refssm bench --workloads W3 --dtypes float64 --repeats 5
+    refssm golden --out fixtures/      # write the golden fixture suite
+    refssm compare fixtures/float64/mamba_mamba_ssm_small mine.safetensors
 """
 from __future__ import annotations
 
@@ -47,6 +49,36 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_golden(args) -> int:
+    from .golden import write_suite
+
+    paths = write_suite(args.out, seed=args.seed, dtypes=args.dtypes.split(","), progress=sys.stderr)
+    print(f"wrote {len(paths)} fixtures under {args.out}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from safetensors.numpy import load_file
+
+    from .golden import FixtureError, compare_tensors, format_compare, read_fixture
+
+    try:
+        fixture = read_fixture(args.fixture)
+    except FixtureError as exc:
+        print(f"refssm compare: bad fixture: {exc}", file=sys.stderr)
+        return 2
+    try:
+        candidate = load_file(args.candidate)
+    except Exception as exc:  # safetensors' own error types
+        print(f"refssm compare: cannot read candidate {args.candidate}: {exc}", file=sys.stderr)
+        return 2
+    rows = compare_tensors(fixture, candidate)
+    m = fixture.manifest
+    print(f"fixture {args.fixture}: {m['arch']} / {m['preset']} / {m['dtype']}")
+    print(format_compare(rows))
+    return 0 if rows and all(r.ok for r in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refssm",
@@ -82,6 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (default 5)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch transcription")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "golden", help="write the golden fixture suite",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write every fixture (core discretization and selective scan; each "
+                    "architecture x preset x two configs) as OUT/<dtype>/<name>/ with "
+                    "manifest.json + tensors.safetensors. Same seed -> byte-identical files.",
+        epilog="examples:\n  refssm golden --out fixtures/\n"
+               "  refssm golden --out fixtures/ --dtypes float64 --seed 1")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtypes", default="float64,float32", help="comma-separated")
+    p.set_defaults(func=_cmd_golden)
+
+    p = sub.add_parser(
+        "compare", help="check another implementation's outputs against a fixture",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="CANDIDATE is a safetensors file holding the fixture's output/, step/, "
+                    "cache/, grad/ and core/ tensors under the same names, computed by another "
+                    "implementation from the fixture's inputs and parameters. Prints a per-tensor "
+                    "table (max abs, normwise relative error, tolerance) and exits 1 if any "
+                    "tensor is missing or out of tolerance, 2 if a file cannot be trusted.",
+        epilog="examples:\n  refssm compare fixtures/float64/mamba_edifice_small out.safetensors")
+    p.add_argument("fixture", metavar="FIXTURE", help="fixture folder")
+    p.add_argument("candidate", metavar="CANDIDATE.safetensors")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -1,0 +1,273 @@
+"""Golden fixtures: write, read (verified), and compare against a candidate.
+
+A fixture is a folder (DESIGN.md section 5)::
+
+    FIXTURE/
+      manifest.json         format version, arch, preset, config, seed, dtype,
+                            refssm version, tolerances, loss, and for every
+                            tensor: name, role, shape, dtype, sha256
+      tensors.safetensors   every tensor, by name
+
+Tensor names: model parameters are flattened as ``layer.name`` (exactly the
+Axon layer and parameter names, so splitting each such key on ``.`` rebuilds
+an Axon ``ModelState`` with no key mapping). Every other tensor has a ``/`` in
+its name and so can never be mistaken for a parameter: ``input/x``,
+``output/last``, ``output/sequence``, ``step/output``, ``cache/...``,
+``grad/input/x``, ``grad/<layer>.<name>``, ``core/...``.
+
+Reading never unpickles (safetensors only holds raw little-endian buffers and
+JSON); a hash mismatch, a missing or extra tensor, a wrong shape or dtype, or
+an unknown format version is a :class:`FixtureError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["FORMAT_VERSION", "FixtureError", "Fixture", "write_fixture", "read_fixture",
+           "compare_tensors", "CompareRow", "format_compare", "tensor_role"]
+
+#: Bumped whenever the layout of manifest.json or the tensor naming changes.
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+
+class FixtureError(ValueError):
+    """A fixture (or a candidate) that cannot be trusted: says what and where."""
+
+
+def tensor_role(name: str) -> str:
+    """``"param"`` for ``layer.name`` keys, else the prefix before the first ``/``.
+
+    Examples
+    --------
+    >>> tensor_role("mamba_block_1_in_proj.kernel"), tensor_role("grad/input/x")
+    ('param', 'grad')
+    """
+    return name.split("/", 1)[0] if "/" in name else "param"
+
+
+def _sha256(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+@dataclass
+class Fixture:
+    """A fixture in memory: its manifest (a dict) and its tensors by name."""
+
+    manifest: dict
+    tensors: dict = field(default_factory=dict)
+
+    def params(self) -> dict:
+        """The parameter tree ``{layer: {name: array}}`` rebuilt by splitting on ``.``."""
+        tree: dict = {}
+        for key, arr in self.tensors.items():
+            if tensor_role(key) == "param":
+                layer, name = key.rsplit(".", 1)
+                tree.setdefault(layer, {})[name] = arr
+        return tree
+
+
+def write_fixture(path, *, arch: str, preset: str, config: dict, seed: int, dtype: str,
+                  tensors: dict, tolerances: dict, loss: str = "", notes: str = "") -> str:
+    """Write ``path/manifest.json`` and ``path/tensors.safetensors``; returns ``path``.
+
+    Same arguments -> byte-identical files (sorted keys, no timestamps).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Folder to create (may exist).
+    arch, preset : str
+    config : dict
+        The full configuration (JSON-serialisable).
+    seed : int
+    dtype : str
+        ``"float64"`` or ``"float32"``.
+    tensors : dict of str -> ndarray
+    tolerances : dict
+        Per role or per tensor name: ``{"output": 1e-12, "grad": 1e-10, ...}``.
+    loss : str
+        The scalar loss the ``grad/`` tensors differentiate.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = write_fixture(d, arch="core", preset="-", config={}, seed=0, dtype="float64",
+    ...                   tensors={"input/x": np.arange(3.0)}, tolerances={"input": 0.0})
+    >>> read_fixture(d).tensors["input/x"]
+    array([0., 1., 2.])
+    """
+    from safetensors.numpy import save_file
+
+    from .. import __version__
+
+    os.makedirs(path, exist_ok=True)
+    clean = {}
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype.kind not in "fiu":
+            raise FixtureError(f"tensor {name!r}: expected a real numeric array, got {arr.dtype}")
+        clean[name] = arr
+    entries = [{"name": n, "role": tensor_role(n), "shape": list(a.shape), "dtype": str(a.dtype),
+                "sha256": _sha256(a)} for n, a in clean.items()]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "preset": preset,
+        "config": _jsonable(config),
+        "seed": int(seed),
+        "dtype": dtype,
+        "refssm_version": __version__,
+        "tolerances": _jsonable(tolerances),
+        "loss": loss,
+        "notes": notes,
+        "tensors": entries,
+    }
+    with open(os.path.join(path, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    save_file(clean, os.path.join(path, TENSORS))
+    return str(path)
+
+
+def _load_safetensors(file) -> dict:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(file)
+    except Exception as exc:  # safetensors raises its own error types
+        raise FixtureError(f"{file}: not a readable safetensors file ({exc})") from exc
+
+
+def read_fixture(path) -> Fixture:
+    """Read a fixture folder and verify every tensor against its manifest entry.
+
+    Raises
+    ------
+    FixtureError
+        Missing files, unknown format version, a tensor missing or not listed,
+        a wrong shape or dtype, or a sha256 mismatch (tampered or corrupt).
+    """
+    mpath = os.path.join(path, MANIFEST)
+    tpath = os.path.join(path, TENSORS)
+    for p in (mpath, tpath):
+        if not os.path.isfile(p):
+            raise FixtureError(f"fixture {path}: expected file {os.path.basename(p)}, not found")
+    try:
+        with open(mpath) as fh:
+            manifest = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise FixtureError(f"{mpath}: not valid JSON ({exc})") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FixtureError(f"{mpath}: expected format_version {FORMAT_VERSION}, got {version!r}")
+    tensors = _load_safetensors(tpath)
+    listed = {e["name"]: e for e in manifest.get("tensors", [])}
+    missing = sorted(set(listed) - set(tensors))
+    extra = sorted(set(tensors) - set(listed))
+    if missing:
+        raise FixtureError(f"{path}: tensors listed in the manifest but missing: {missing}")
+    if extra:
+        raise FixtureError(f"{path}: tensors not listed in the manifest: {extra}")
+    for name, e in listed.items():
+        arr = tensors[name]
+        if list(arr.shape) != list(e["shape"]):
+            raise FixtureError(f"{name}: expected shape {tuple(e['shape'])}, got {arr.shape}")
+        if str(arr.dtype) != e["dtype"]:
+            raise FixtureError(f"{name}: expected dtype {e['dtype']}, got {arr.dtype}")
+        digest = _sha256(arr)
+        if digest != e["sha256"]:
+            raise FixtureError(f"{name}: sha256 mismatch (expected {e['sha256'][:16]}..., got "
+                               f"{digest[:16]}...): the file was changed after it was written")
+    return Fixture(manifest, tensors)
+
+
+@dataclass
+class CompareRow:
+    """One tensor of a comparison."""
+
+    name: str
+    max_abs: float
+    rel: float
+    tolerance: float
+    ok: bool
+    note: str = ""
+
+
+def _tolerance(manifest: dict, name: str) -> float:
+    tol = manifest.get("tolerances", {})
+    if name in tol:
+        return float(tol[name])
+    return float(tol.get(tensor_role(name), tol.get("default", 0.0)))
+
+
+def compare_tensors(fixture: Fixture, candidate: dict, *, roles=("output", "step", "cache",
+                                                                  "grad", "core")) -> list:
+    """Compare a candidate's tensors with the fixture's, tensor by tensor.
+
+    Only tensors whose role is in ``roles`` are compared (inputs and parameters
+    are what the candidate was given). A tensor the fixture has but the
+    candidate lacks fails; a wrong shape fails.
+
+    Returns
+    -------
+    list of CompareRow
+        ``rel`` is the normwise relative error ``max|a - b| / max|b|``.
+    """
+    rows = []
+    for name in sorted(fixture.tensors):
+        if tensor_role(name) not in roles:
+            continue
+        ref = fixture.tensors[name]
+        tol = _tolerance(fixture.manifest, name)
+        if name not in candidate:
+            rows.append(CompareRow(name, float("nan"), float("nan"), tol, False, "missing"))
+            continue
+        got = np.asarray(candidate[name])
+        if got.shape != ref.shape:
+            rows.append(CompareRow(name, float("nan"), float("nan"), tol, False,
+                                   f"shape {got.shape}, expected {ref.shape}"))
+            continue
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        rel = max_abs / max(scale, np.finfo(np.float64).tiny)
+        finite = bool(np.isfinite(got).all())
+        rows.append(CompareRow(name, max_abs, rel, tol, finite and rel <= tol,
+                               "" if finite else "non-finite values"))
+    return rows
+
+
+def format_compare(rows) -> str:
+    """A per-tensor table: max abs, normwise relative, tolerance, ok."""
+    head = ("tensor", "max abs", "rel", "tol", "ok")
+    table = [head] + [(r.name, f"{r.max_abs:.2e}", f"{r.rel:.2e}", f"{r.tolerance:.0e}",
+                       ("ok" if r.ok else "FAIL") + (f" ({r.note})" if r.note else ""))
+                      for r in rows]
+    w = [max(len(t[i]) for t in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w[i]) if i in (0, 4) else c.rjust(w[i]) for i, c in enumerate(t))
+             for t in table]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    bad = sum(not r.ok for r in rows)
+    lines.append(f"\n{len(rows)} tensors compared, {len(rows) - bad} within tolerance, "
+                 f"{bad} failed")
+    return "\n".join(lines)

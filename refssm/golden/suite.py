@@ -1,0 +1,209 @@
+"""The fixture suite written by ``refssm golden --out DIR``.
+
+Every fixture *has teeth* (DESIGN.md section 5): parameters from the models'
+``random_params`` (every parameter away from the value that would hide a bug;
+``delta`` well inside Edifice's clip ``[0.001, 0.1]``; slow decay so the state
+carries), ``seq_len`` beyond the conv window, and a non-zero carried state in
+the core fixtures. ``tests/test_golden.py`` proves it: perturbed
+implementations (no ``D``, channel-mean delta, fixed ``A``, a conv window one
+short) fail ``compare``.
+
+dtypes: a ``float64`` fixture holds float64 inputs and results, tolerances
+``1e-12`` (outputs, steps, caches) and ``1e-10`` (gradients). A ``float32``
+fixture holds float32 inputs and parameters (what a float32 implementation
+is given) with the float64 results *computed from those float32 values*, the
+exact answer the candidate approximates; tolerance ``1e-4`` normwise.
+
+Same seed -> byte-identical files.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from .fixture import write_fixture
+
+__all__ = ["TOLERANCES", "write_suite", "mamba_fixture_tensors", "selective_scan_fixture_tensors",
+           "discretization_fixture_tensors", "SUITE"]
+
+TOLERANCES = {
+    "float64": {"output": 1e-12, "step": 1e-12, "cache": 1e-12, "grad": 1e-10, "core": 1e-12},
+    "float32": {"output": 1e-4, "step": 1e-4, "cache": 1e-4, "grad": 1e-4, "core": 1e-4},
+}
+
+SCAN_LOSS = "sum(input/w_out * output/out) + sum(input/w_state * output/last_state)"
+MODEL_LOSS = "sum(input/w_out * output/sequence)"
+
+
+def _round_to(dtype, tree):
+    """Round every array to ``dtype`` and back to float64 (the values a float32 candidate sees)."""
+    if isinstance(tree, dict):
+        return {k: _round_to(dtype, v) for k, v in tree.items()}
+    if tree is None:
+        return None
+    return np.asarray(tree, dtype=dtype).astype(np.float64)
+
+
+def _stored(dtype, arr):
+    return np.asarray(arr, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# Core fixtures
+# ---------------------------------------------------------------------------
+
+def discretization_fixture_tensors(seed: int, dtype: str):
+    """ZOH, bilinear and Euler of a diagonal complex system and Mamba's convention.
+
+    Complex values are stored as separate ``_re``/``_im`` tensors.
+    """
+    from ..ssm import discretize as dz
+
+    rng = np.random.default_rng(seed)
+    N, M = 6, 3
+    lam = _round_to(dtype, -rng.uniform(0.05, 2.0, N)) + 1j * _round_to(dtype, rng.uniform(-3, 3, N))
+    B = _round_to(dtype, rng.standard_normal((N, M))) + 1j * _round_to(dtype, rng.standard_normal((N, M)))
+    delta = _round_to(dtype, np.exp(rng.uniform(np.log(1e-3), np.log(0.5), N)))
+    t = {"input/lambda_re": lam.real, "input/lambda_im": lam.imag, "input/B_re": B.real,
+         "input/B_im": B.imag, "input/delta": delta}
+    for method in ("zoh", "bilinear", "euler"):
+        A_bar, B_bar = getattr(dz, method)(lam, B, delta)
+        t[f"core/{method}_A_bar_re"] = A_bar.real
+        t[f"core/{method}_A_bar_im"] = A_bar.imag
+        t[f"core/{method}_B_bar_re"] = B_bar.real
+        t[f"core/{method}_B_bar_im"] = B_bar.imag
+    # Mamba: A [channels, N] real, delta [batch, L, channels], B [batch, L, N]
+    Am = _round_to(dtype, -np.tile(np.arange(1.0, 5.0), (3, 1)))
+    dm = _round_to(dtype, rng.uniform(1e-3, 0.1, (2, 5, 3)))
+    Bm = _round_to(dtype, rng.standard_normal((2, 5, 4)))
+    A_bar, B_bar = dz.mamba_discretize(Am, Bm, dm)
+    t.update({"input/mamba_A": Am, "input/mamba_delta": dm, "input/mamba_B": Bm,
+              "core/mamba_A_bar": A_bar, "core/mamba_B_bar": B_bar})
+    inputs = {k: _stored(dtype, v) for k, v in t.items() if k.startswith("input/")}
+    results = {k: v for k, v in t.items() if not k.startswith("input/")}
+    return {**inputs, **results}, {"N": N, "M": M}
+
+
+def selective_scan_fixture_tensors(seed: int, dtype: str, *, preset="mamba_ssm"):
+    """The selective scan with every option on, its final state and all 9 gradients."""
+    from ..ssm.selective_scan import selective_scan_backward, selective_scan_forward
+
+    rng = np.random.default_rng(seed)
+    batch, L, ch, N = 2, 24, 6, 4
+    opts = dict(delta_softplus=True)
+    if preset == "edifice":
+        opts.update(delta_clip=(1e-3, 0.1), delta_b_mean=True)
+    # raw delta so that softplus(delta + bias) lies in ~[0.01, 0.08]: inside the clip
+    args = dict(
+        u=rng.standard_normal((batch, L, ch)),
+        delta=rng.uniform(-4.5, -2.6, (batch, L, ch)),
+        A=-np.tile(np.arange(1.0, N + 1), (ch, 1)) * rng.uniform(0.5, 1.5, (ch, 1)),
+        B=rng.standard_normal((batch, L, N)), C=rng.standard_normal((batch, L, N)),
+        D=1.0 + 0.5 * rng.standard_normal(ch), z=rng.standard_normal((batch, L, ch)),
+        delta_bias=0.05 * rng.standard_normal(ch),
+        initial_state=rng.standard_normal((batch, ch, N)),
+    )
+    args = _round_to(dtype, args)
+    W = _round_to(dtype, rng.standard_normal((batch, L, ch)))
+    Wh = _round_to(dtype, rng.standard_normal((batch, ch, N)))
+    out, last, saved = selective_scan_forward(**args, **opts)
+    grads = selective_scan_backward(W, Wh, saved)
+    t = {f"input/{k}": _stored(dtype, v) for k, v in args.items()}
+    t["input/w_out"] = _stored(dtype, W)
+    t["input/w_state"] = _stored(dtype, Wh)
+    t["output/out"] = out
+    t["output/last_state"] = last
+    for k, g in grads.items():
+        if g is not None:
+            t[f"grad/input/{k}"] = g
+    config = dict(batch=batch, seq_len=L, channels=ch, state=N, **{
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()})
+    return t, config
+
+
+# ---------------------------------------------------------------------------
+# Model fixtures
+# ---------------------------------------------------------------------------
+
+def _flatten_params(params: dict, dtype: str) -> dict:
+    return {f"{layer}.{name}": _stored(dtype, arr)
+            for layer, p in params.items() for name, arr in p.items()}
+
+
+def mamba_fixture_tensors(seed: int, dtype: str, *, preset: str, config: dict):
+    """Mamba: input, parameters, last/sequence outputs, every step, final cache, gradients."""
+    from ..models import mamba
+
+    cfg = mamba.as_config(dict(config, preset=preset))
+    rng = np.random.default_rng(seed)
+    params = _round_to(dtype, mamba.random_params(cfg, seed=seed))
+    batch, L = 2, config.get("seq_len") or 12
+    x = _round_to(dtype, rng.standard_normal((batch, L, cfg.embed_dim)))
+    W = _round_to(dtype, rng.standard_normal((batch, L, cfg.hidden_size)))
+    res = mamba.forward(params, x, cfg, return_sequence=True)
+    t = {"input/x": _stored(dtype, x), "input/w_out": _stored(dtype, W)}
+    t.update(_flatten_params(params, dtype))
+    t["output/sequence"] = res.output
+    t["output/last"] = res.output[:, -1]
+    for i, hs in enumerate(res.hidden_states):
+        t[f"output/hidden_state_{i}"] = hs
+    cache = mamba.init_cache(cfg, batch)
+    steps = []
+    for k in range(L):
+        y, cache = mamba.step(params, cache, x[:, k], cfg)
+        steps.append(y)
+    t["step/output"] = np.stack(steps, axis=1)            # [batch, seq_len, hidden]
+    t["cache/h"] = cache.h
+    t["cache/conv"] = cache.conv
+    if hasattr(mamba, "backward") and hasattr(mamba, "forward_with_saved"):
+        out, saved = mamba.forward_with_saved(params, x, cfg, return_sequence=True)
+        dx, dparams = mamba.backward(W, saved)
+        t["grad/input/x"] = dx
+        for layer, p in dparams.items():
+            for name, g in p.items():
+                t[f"grad/{layer}.{name}"] = g
+    full_config = {f.name: getattr(cfg, f.name) for f in cfg.__dataclass_fields__.values()}
+    full_config["batch"] = batch
+    full_config["seq_len"] = L
+    return t, full_config
+
+
+#: (name, arch, preset, maker, kwargs) of every fixture in the suite, per dtype.
+SUITE = [
+    ("core_discretization", "core", "-", discretization_fixture_tensors, {}),
+    ("core_selective_scan_mamba_ssm", "core", "mamba_ssm", selective_scan_fixture_tensors,
+     {"preset": "mamba_ssm"}),
+    ("core_selective_scan_edifice", "core", "edifice", selective_scan_fixture_tensors,
+     {"preset": "edifice"}),
+]
+for _preset in ("mamba_ssm", "edifice"):
+    SUITE.append((f"mamba_{_preset}_small", "mamba", _preset, mamba_fixture_tensors,
+                  {"preset": _preset, "config": dict(embed_dim=5, hidden_size=8, state_size=4,
+                                                     expand_factor=2, conv_size=4, num_layers=2,
+                                                     seq_len=12)}))
+    SUITE.append((f"mamba_{_preset}_wide", "mamba", _preset, mamba_fixture_tensors,
+                  {"preset": _preset, "config": dict(embed_dim=24, hidden_size=24, state_size=8,
+                                                     expand_factor=2, conv_size=3, num_layers=3,
+                                                     seq_len=20)}))
+
+
+def write_suite(out_dir, seed: int = 0, dtypes=("float64", "float32"), progress=sys.stderr,
+                only=None):
+    """Write every fixture of :data:`SUITE` under ``out_dir/<dtype>/<name>``; returns the paths."""
+    paths = []
+    for dtype in dtypes:
+        for name, arch, preset, maker, kwargs in SUITE:
+            if only and name not in only:
+                continue
+            if progress:
+                print(f"  {dtype}/{name}", file=progress, flush=True)
+            tensors, config = maker(seed, dtype, **kwargs)
+            loss = SCAN_LOSS if name.startswith("core_selective") else (
+                MODEL_LOSS if any(k.startswith("grad/") for k in tensors) else "")
+            path = os.path.join(out_dir, dtype, name)
+            write_fixture(path, arch=arch, preset=preset, config=config, seed=seed, dtype=dtype,
+                          tensors=tensors, tolerances=TOLERANCES[dtype], loss=loss)
+            paths.append(path)
+    return paths

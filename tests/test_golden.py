@@ -1,0 +1,233 @@
+"""Golden fixtures: byte-identical, verified on read, and with teeth."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from refssm.cli import main
+from refssm.golden import FixtureError, compare_tensors, read_fixture, write_suite
+from refssm.golden.suite import SUITE
+from refssm.models import mamba
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("golden")
+    write_suite(str(d), progress=None)
+    return d
+
+
+def _hashes(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_same_seed_gives_byte_identical_files(suite_dir, tmp_path):
+    write_suite(str(tmp_path), progress=None)
+    a, b = _hashes(suite_dir), _hashes(tmp_path)
+    assert len(a) == 2 * 2 * len(SUITE)
+    assert a == b
+
+
+def test_other_seed_gives_other_numbers(suite_dir, tmp_path):
+    write_suite(str(tmp_path), seed=1, dtypes=("float64",), progress=None,
+                only={"mamba_mamba_ssm_small"})
+    a = read_fixture(suite_dir / "float64" / "mamba_mamba_ssm_small").tensors["output/last"]
+    b = read_fixture(tmp_path / "float64" / "mamba_mamba_ssm_small").tensors["output/last"]
+    assert not np.allclose(a, b)
+
+
+def test_every_fixture_reads_back_and_its_own_outputs_pass_compare(suite_dir):
+    for dtype in ("float64", "float32"):
+        for name, *_ in SUITE:
+            fx = read_fixture(suite_dir / dtype / name)
+            assert fx.manifest["dtype"] == dtype
+            rows = compare_tensors(fx, fx.tensors)
+            assert rows and all(r.ok and r.rel == 0.0 for r in rows), name
+
+
+def test_params_split_on_dot_rebuild_the_axon_tree(suite_dir):
+    fx = read_fixture(suite_dir / "float64" / "mamba_edifice_small")
+    cfg = mamba.as_config({k: v for k, v in fx.manifest["config"].items() if k != "batch"})
+    tree = fx.params()
+    assert {k: {n: a.shape for n, a in p.items()} for k, p in tree.items()} == \
+        {k: {n: tuple(s) for n, s in p.items()} for k, p in mamba.param_shapes(cfg).items()}
+    # recomputing from the fixture's own inputs and parameters reproduces its outputs
+    out = mamba.forward(tree, fx.tensors["input/x"], cfg, return_sequence=True).output
+    assert np.array_equal(out, fx.tensors["output/sequence"])
+
+
+def test_fixtures_have_teeth_in_their_regime(suite_dir):
+    """delta well inside Edifice's clip; the state carries; seq_len beyond the conv window."""
+    fx = read_fixture(suite_dir / "float64" / "core_selective_scan_edifice")
+    t = fx.tensors
+    dt = np.logaddexp(0, t["input/delta"] + t["input/delta_bias"])
+    assert 0.002 < dt.min() and dt.max() < 0.09
+    for name in ("mamba_edifice_small", "mamba_mamba_ssm_wide"):
+        m = read_fixture(suite_dir / "float64" / name).manifest["config"]
+        assert m["seq_len"] > 2 * m["conv_size"]
+
+
+# --- perturbed implementations must fail compare ---------------------------
+
+def _candidate_from(fx, params, cfg):
+    x = fx.tensors["input/x"]
+    out = mamba.forward(params, x, cfg, return_sequence=True).output
+    return {"output/sequence": out, "output/last": out[:, -1]}
+
+
+def _rows_for(fx, cand):
+    return [r for r in compare_tensors(fx, cand) if r.name in cand]
+
+
+def _perturbations():
+    def drop_D(params, cfg):
+        p = {k: dict(v) for k, v in params.items()}
+        for layer in p:
+            if "D" in p[layer]:
+                p[layer]["D"] = np.zeros_like(p[layer]["D"])
+        return p, cfg
+
+    def mean_delta(params, cfg):
+        return params, mamba.as_config(cfg, b_bar="channel_mean")
+
+    def per_channel_delta(params, cfg):
+        return params, mamba.as_config(cfg, b_bar="per_channel")
+
+    def fix_A(params, cfg):
+        p = {k: dict(v) for k, v in params.items()}
+        for layer in p:
+            if "A_log" in p[layer]:
+                N = p[layer]["A_log"].shape[1]
+                p[layer]["A_log"] = np.tile(np.log(np.arange(1.0, N + 1)), (p[layer]["A_log"].shape[0], 1))
+        return p, cfg
+
+    def conv_window_short(params, cfg):
+        p = {k: dict(v) for k, v in params.items()}
+        for layer in p:
+            if layer.endswith("_conv_dw_conv"):
+                k = p[layer]["kernel"].copy()
+                k[0] = 0.0                       # the oldest tap: a window one frame short
+                p[layer]["kernel"] = k
+        return p, cfg
+
+    return {"mamba_mamba_ssm_small": [drop_D, mean_delta, fix_A, conv_window_short],
+            "mamba_edifice_small": [per_channel_delta, conv_window_short]}
+
+
+@pytest.mark.parametrize("name, perturb", [(n, f) for n, fs in _perturbations().items() for f in fs],
+                         ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_perturbed_implementation_fails_compare(suite_dir, name, perturb, dtype):
+    fx = read_fixture(suite_dir / dtype / name)
+    cfg = mamba.as_config({k: v for k, v in fx.manifest["config"].items() if k != "batch"})
+    params = {k: {n: a.astype(np.float64) for n, a in p.items()} for k, p in fx.params().items()}
+    good = _rows_for(fx, _candidate_from(fx, params, cfg))
+    assert all(r.ok for r in good)
+    bad = _rows_for(fx, _candidate_from(fx, *perturb(params, cfg)))
+    assert not any(r.ok for r in bad), [(r.name, r.rel) for r in bad]
+    # and not by a hair: at least 5x the fixture's tolerance (measured: the weakest
+    # perturbation, fix_A, misses by 7.4e-4 against float32's 1e-4)
+    tol = fx.manifest["tolerances"]["output"]
+    assert min(r.rel for r in bad) > 5 * tol, [(r.name, r.rel) for r in bad]
+
+
+@pytest.mark.parametrize("preset", ["mamba_ssm", "edifice"])
+def test_float32_candidate_passes_float32_fixture(suite_dir, preset):
+    """A real float32 computation (the scan engines run in float32) is within tolerance."""
+    from refssm.ssm.selective_scan import selective_scan_backward, selective_scan_forward
+
+    fx = read_fixture(suite_dir / "float32" / f"core_selective_scan_{preset}")
+    t = fx.tensors
+    args = {k: t[f"input/{k}"] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                          "initial_state")}
+    cfg = fx.manifest["config"]
+    opts = dict(delta_softplus=cfg["delta_softplus"])
+    if preset == "edifice":
+        opts.update(delta_clip=tuple(cfg["delta_clip"]), delta_b_mean=cfg["delta_b_mean"])
+    cand = {}
+    for engine in ("numpy", "numba", "logdepth"):
+        out, last, saved = selective_scan_forward(**args, **opts, engine=engine)
+        assert out.dtype == np.float32
+        g = selective_scan_backward(t["input/w_out"], t["input/w_state"], saved)
+        cand = {"output/out": out, "output/last_state": last,
+                **{f"grad/input/{k}": v for k, v in g.items() if v is not None}}
+        rows = compare_tensors(fx, cand)
+        assert len(rows) == 11 and all(r.ok for r in rows), [(r.name, r.rel) for r in rows]
+        assert max(r.rel for r in rows) > 1e-8          # really float32, not a copy
+
+
+# --- a fixture that cannot be trusted is an error ----------------------------
+
+def _copy(suite_dir, tmp_path, name="core_selective_scan_mamba_ssm"):
+    import shutil
+    dst = tmp_path / name
+    shutil.copytree(suite_dir / "float64" / name, dst)
+    return dst
+
+
+def test_tampered_tensor_is_a_hash_error(suite_dir, tmp_path):
+    d = _copy(suite_dir, tmp_path)
+    t = load_file(str(d / "tensors.safetensors"))
+    t["output/out"] = t["output/out"].copy()
+    t["output/out"][0, 0, 0] += 1e-9
+    save_file(t, str(d / "tensors.safetensors"))
+    with pytest.raises(FixtureError, match=r"output/out: sha256 mismatch"):
+        read_fixture(d)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(format_version=99), r"expected format_version 1, got 99"),
+    (lambda m: m["tensors"].append(dict(m["tensors"][0], name="output/ghost")),
+     r"listed in the manifest but missing: \['output/ghost'\]"),
+    (lambda m: m.update(tensors=m["tensors"][1:]), r"not listed in the manifest"),
+    (lambda m: m["tensors"][0].update(shape=[1, 2, 3, 4, 5]), r"expected shape \(1, 2, 3, 4, 5\)"),
+    (lambda m: m["tensors"][0].update(dtype="float16"), r"expected dtype float16"),
+])
+def test_bad_manifest_is_a_clear_error(suite_dir, tmp_path, edit, match):
+    d = _copy(suite_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FixtureError, match=match):
+        read_fixture(d)
+
+
+def test_corrupt_safetensors_and_missing_files(suite_dir, tmp_path):
+    d = _copy(suite_dir, tmp_path)
+    (d / "tensors.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(FixtureError, match="not a readable safetensors file"):
+        read_fixture(d)
+    os.remove(d / "manifest.json")
+    with pytest.raises(FixtureError, match="expected file manifest.json"):
+        read_fixture(d)
+
+
+# --- the command line ---------------------------------------------------------
+
+def test_cli_golden_and_compare(suite_dir, tmp_path, capsys):
+    assert main(["golden", "--out", str(tmp_path / "fx"), "--dtypes", "float64"]) == 0
+    fx_dir = tmp_path / "fx" / "float64" / "core_selective_scan_mamba_ssm"
+    fx = read_fixture(fx_dir)
+    good = {k: v for k, v in fx.tensors.items() if not k.startswith("input/")}
+    save_file(good, str(tmp_path / "good.safetensors"))
+    capsys.readouterr()
+    assert main(["compare", str(fx_dir), str(tmp_path / "good.safetensors")]) == 0
+    assert "0 failed" in capsys.readouterr().out
+    bad = dict(good)
+    bad["grad/input/A"] = bad["grad/input/A"] * (1 + 1e-6)
+    del bad["output/last_state"]
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    assert main(["compare", str(fx_dir), str(tmp_path / "bad.safetensors")]) == 1
+    out = capsys.readouterr().out
+    assert "grad/input/A" in out and "FAIL" in out and "missing" in out
+    assert main(["compare", str(tmp_path), str(tmp_path / "bad.safetensors")]) == 2
