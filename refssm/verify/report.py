@@ -10,8 +10,16 @@ from .core import CORE_CHECKS, Figure
 __all__ = ["run_checks", "format_table", "format_markdown", "to_json"]
 
 
-def run_checks(checks=CORE_CHECKS, progress=sys.stderr) -> list[Figure]:
+def all_checks():
+    """The core checks, then one check per available architecture."""
+    from .models import model_checks
+
+    return tuple(CORE_CHECKS) + tuple(model_checks())
+
+
+def run_checks(checks=None, progress=sys.stderr) -> list[Figure]:
     """Run every check in order, printing one progress line per check to ``progress``."""
+    checks = all_checks() if checks is None else checks
     figures: list[Figure] = []
     for i, check in enumerate(checks, 1):
         t0 = time.perf_counter()
@@ -30,7 +38,8 @@ def format_table(figures: list[Figure]) -> str:
     """A fixed-width table: arch, preset, check, value, budget, ok."""
     rows = [("arch", "preset", "check", "value", "budget", "ok")]
     for f in figures:
-        rows.append((f.arch, f.preset, f.check, f"{f.value:.2e}", f"{f.budget:.0e}",
+        budget = "-" if f.budget == float("inf") else f"{f.budget:.0e}"
+        rows.append((f.arch, f.preset, f.check, f"{f.value:.2e}", budget,
                      "ok" if f.ok else "FAIL"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -42,6 +51,12 @@ def format_table(figures: list[Figure]) -> str:
     n_bad = sum(not f.ok for f in figures)
     lines.append("")
     lines.append(f"{len(figures)} figures, {len(figures) - n_bad} within budget, {n_bad} over budget")
+    explained = [f for f in figures if f.budget == float("inf")]
+    if explained:
+        lines.append("")
+        lines.append("The original API's approximate param_count formulas, against the exact count:")
+        for f in explained:
+            lines.append(f"  {f.arch}/{f.preset}: {f.detail}")
     return "\n".join(lines)
 
 
