@@ -158,10 +158,10 @@ def mamba_fixture_tensors(seed: int, dtype: str, *, preset: str, config: dict):
     t["cache/h"] = cache.h
     t["cache/conv"] = cache.conv
     if hasattr(mamba, "backward") and hasattr(mamba, "forward_with_saved"):
-        out, saved = mamba.forward_with_saved(params, x, cfg, return_sequence=True)
-        dx, dparams = mamba.backward(W, saved)
-        t["grad/input/x"] = dx
-        for layer, p in dparams.items():
+        _, saved = mamba.forward_with_saved(params, x, cfg, return_sequence=True)
+        grads = mamba.backward(W, saved)
+        t["grad/input/x"] = grads.x
+        for layer, p in grads.params.items():
             for name, g in p.items():
                 t[f"grad/{layer}.{name}"] = g
     full_config = {f.name: getattr(cfg, f.name) for f in cfg.__dataclass_fields__.values()}

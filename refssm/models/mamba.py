@@ -48,6 +48,17 @@ The carried state (:class:`MambaCache`) has Edifice's ``init_state`` layout:
 inner]``. :func:`forward` takes one and returns the next, so a long sequence
 can be processed in chunks; :func:`step` advances it one frame in O(1) with the
 same numbers as the full forward (both checked in ``tests/test_mamba.py``).
+
+Manual backward (llm.c-style, DESIGN.md section 3): :func:`forward_with_saved`
+returns the output and, per layer, the minimal named values each equation
+keeps (:class:`MambaSaved`); :func:`backward` turns the gradient of the output
+(and of the returned state) into the gradients of the input, of every
+parameter (in the tree's layout) and of the carried state. Each equation of
+the block has its ``*_forward``/``*_backward`` pair side by side
+(:func:`norm_forward`, :func:`in_proj_forward`, :func:`conv_silu_forward`,
+:func:`ssm_projections_forward`, :func:`ssm_scan_forward`,
+:func:`dense_layer_forward`). Checked in ``tests/test_mamba_backward.py``
+against central finite differences, torch autograd and across scan engines.
 """
 from __future__ import annotations
 
@@ -58,12 +69,15 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import as_float_array
-from ..ops.activations import inverse_softplus, silu_forward, softplus_forward
-from ..ops.conv import causal_depthwise_conv1d_forward, causal_depthwise_conv1d_step
-from ..ops.dense import dense_forward
-from ..ops.dropout import dropout_forward
-from ..ops.norms import layer_norm_forward, rms_norm_forward
-from ..ssm.selective_scan import ENGINES, selective_scan_forward
+from ..ops.activations import (ActivationSaved, inverse_softplus, silu_backward, silu_forward,
+                               softplus_forward)
+from ..ops.conv import (ConvSaved, causal_depthwise_conv1d_backward,
+                        causal_depthwise_conv1d_forward, causal_depthwise_conv1d_step)
+from ..ops.dense import DenseSaved, dense_backward, dense_forward
+from ..ops.dropout import dropout_backward, dropout_forward
+from ..ops.norms import layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward
+from ..ssm.selective_scan import (ENGINES, SelectiveScanSaved, selective_scan_backward,
+                                  selective_scan_forward)
 from ._common import check_params, count_params, glorot_uniform, torch_uniform
 
 __all__ = [
@@ -74,6 +88,14 @@ __all__ = [
     "init_cache", "step", "mamba_block_step", "selective_ssm_step",
     "output_size", "param_count", "param_count_breakdown", "original_param_count",
     "param_shapes", "random_params", "recommended_defaults", "as_config",
+    # manual backward (llm.c-style)
+    "forward_with_saved", "backward", "MambaSaved", "MambaGrads",
+    "mamba_block_forward_with_saved", "mamba_block_backward", "MambaBlockSaved",
+    "norm_forward", "norm_backward", "in_proj_forward", "in_proj_backward",
+    "conv_silu_forward", "conv_silu_backward", "ConvSiluSaved",
+    "ssm_projections_forward", "ssm_projections_backward", "ProjectionsSaved",
+    "ssm_scan_forward", "ssm_scan_backward", "ScanSaved",
+    "dense_layer_forward", "dense_layer_backward",
 ]
 
 # ---------------------------------------------------------------------------
@@ -699,6 +721,14 @@ class MambaModel:
     def forward(self, x, **kwargs) -> "MambaOutput":
         return forward(self.params, x, self.config, **kwargs)
 
+    def forward_with_saved(self, x, **kwargs):
+        """:func:`forward_with_saved` with this model's parameters and config."""
+        return forward_with_saved(self.params, x, self.config, **kwargs)
+
+    def backward(self, d_out, saved, **kwargs) -> "MambaGrads":
+        """:func:`backward` (``saved`` from :meth:`forward_with_saved`)."""
+        return backward(d_out, saved, **kwargs)
+
     def init_cache(self, batch_size: int = 1) -> "MambaCache":
         return init_cache(self.config, batch_size)
 
@@ -1135,3 +1165,948 @@ def step(params: dict, cache: MambaCache, frame, config=None):
     if c.final_norm:
         x = _norm_forward(params["final_norm"], x, c)
     return x, MambaCache(new_h, new_conv)
+
+
+# ---------------------------------------------------------------------------
+# Manual backward (llm.c-style): every forward keeps minimal named values,
+# its backward sits next to it. DESIGN.md section 3, "Manual backprop".
+# ---------------------------------------------------------------------------
+#
+# Notation of the block (DESIGN.md 1.1), shapes with H = hidden, E = inner,
+# N = state, R = dt_rank, K = conv_size, L = seq_len:
+#
+#     u          = norm(x)                              norm_forward           [b, L, H]
+#     xs0, z     = split(in_proj(u))                    in_proj_forward        [b, L, E] each
+#     xs         = silu(conv1d(xs0))                    conv_silu_forward      [b, L, E]
+#     dr, B, C   = dt_proj.kernel(x_proj(xs))           ssm_projections_forward
+#                                                         dr [b, L, E]; B, C [b, L, N]
+#     y          = scan(xs, dr + dt_proj.bias, A, B, C, D) * silu(z)
+#                                                       ssm_scan_forward       [b, L, E]
+#     out        = out_proj(y)                          dense_layer_forward    [b, L, H]
+#
+# Every ``*_backward`` takes the gradient of its forward's outputs and the
+# forward's saved values and returns the gradient of its inputs and a
+# *fragment* ``{layer: {name: grad}}`` of the parameter-gradient tree (the
+# layer names of ``params``); the model's :func:`backward` merges them.
+# Saved values are references to arrays the forward computes anyway (the
+# ops' own ``*Saved`` tuples), not copies.
+
+def _merge_grads(tree: dict, fragment: dict) -> dict:
+    """Add a gradient fragment ``{layer: {name: grad}}`` to ``tree`` (each entry exactly once)."""
+    for layer, grads in fragment.items():
+        dst = tree.setdefault(layer, {})
+        for name, g in grads.items():
+            if name in dst:      # every parameter is used once per forward: a repeat is a bug here
+                raise AssertionError(f"gradient of {layer}.{name} produced twice")
+            dst[name] = g
+    return tree
+
+
+def dense_layer_forward(params: dict, x: np.ndarray, name: str):
+    """``y = x @ kernel + bias`` of layer ``name`` (``input_projection``, ``*_out_proj``).
+
+    Parameters
+    ----------
+    params : dict
+        The model's tree; reads ``params[name]`` (``kernel [in, out]``, ``bias [out]`` if any).
+    x : ndarray ``[..., in]``
+    name : str
+
+    Returns
+    -------
+    y : ndarray ``[..., out]``
+    saved : DenseSaved
+
+    Examples
+    --------
+    >>> p = {"lin": {"kernel": np.eye(2), "bias": np.ones(2)}}
+    >>> y, s = dense_layer_forward(p, np.array([[1.0, 2.0]]), "lin")
+    >>> y
+    array([[2., 3.]])
+    >>> dx, frag = dense_layer_backward(np.ones((1, 2)), s, "lin")
+    >>> dx, frag["lin"]["kernel"], frag["lin"]["bias"]
+    (array([[1., 1.]]), array([[1., 1.],
+           [2., 2.]]), array([1., 1.]))
+    """
+    p = params[name]
+    return dense_forward(x, p["kernel"], p.get("bias"))
+
+
+def dense_layer_backward(dy: np.ndarray, saved: DenseSaved, name: str):
+    """Backward of :func:`dense_layer_forward`.
+
+    ``dx = dy kernel^T``, ``d kernel = x^T dy``, ``d bias = sum dy`` (over the leading axes).
+
+    Parameters
+    ----------
+    dy : ndarray ``[..., out]``
+    saved : DenseSaved
+    name : str
+
+    Returns
+    -------
+    dx : ndarray ``[..., in]``
+    fragment : dict
+        ``{name: {"kernel": [in, out], "bias": [out]}}`` (no ``bias`` if the layer has none).
+
+    Examples
+    --------
+    See :func:`dense_layer_forward`.
+    """
+    g = dense_backward(dy, saved)
+    grads = {"kernel": g["kernel"]}
+    if g["bias"] is not None:
+        grads["bias"] = g["bias"]
+    return g["x"], {name: grads}
+
+
+def norm_forward(params: dict, x: np.ndarray, config, name: str):
+    """``u = norm(x)``: LayerNorm (``gamma``, ``beta``) or RMSNorm (``gamma``) over ``hidden``.
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``params[name]`` (``mamba_block_{i}_norm`` or ``final_norm``).
+    x : ndarray ``[batch, seq_len, hidden]``
+    config : MambaConfig
+        ``config.norm`` picks the norm, ``config.norm_eps`` its epsilon.
+    name : str
+
+    Returns
+    -------
+    u : ndarray ``[batch, seq_len, hidden]``
+    saved : LayerNormSaved or RMSNormSaved
+        ``x_hat``, ``rstd``, ``gamma``.
+
+    Examples
+    --------
+    >>> c = MambaConfig(embed_dim=4, hidden_size=4, num_layers=1, preset="edifice")
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    >>> u, s = norm_forward(p, x, c, "mamba_block_1_norm")
+    >>> dx, frag = norm_backward(np.ones_like(u), s, c, "mamba_block_1_norm")
+    >>> dx.shape, sorted(frag["mamba_block_1_norm"])
+    ((2, 3, 4), ['beta', 'gamma'])
+    """
+    c = as_config(config)
+    p = params[name]
+    if c.norm == "layer":
+        return layer_norm_forward(x, p["gamma"], p["beta"], c.norm_eps)
+    return rms_norm_forward(x, p["gamma"], c.norm_eps)
+
+
+def norm_backward(du: np.ndarray, saved, config, name: str):
+    """Backward of :func:`norm_forward`.
+
+    With ``g = du * gamma``: LayerNorm ``dx = rstd (g - mean(g) - x_hat mean(g x_hat))``,
+    RMSNorm ``dx = rstd (g - x_hat mean(g x_hat))``; ``d gamma = sum du x_hat``,
+    ``d beta = sum du``.
+
+    Parameters
+    ----------
+    du : ndarray ``[batch, seq_len, hidden]``
+    saved : LayerNormSaved or RMSNormSaved
+    config : MambaConfig
+    name : str
+
+    Returns
+    -------
+    dx : ndarray ``[batch, seq_len, hidden]``
+    fragment : dict
+        ``{name: {"gamma": [hidden], "beta": [hidden]}}`` (``beta`` for LayerNorm only).
+
+    Examples
+    --------
+    See :func:`norm_forward`.
+    """
+    c = as_config(config)
+    if c.norm == "layer":
+        g = layer_norm_backward(du, saved)
+        return g["x"], {name: {"gamma": g["gamma"], "beta": g["beta"]}}
+    g = rms_norm_backward(du, saved)
+    return g["x"], {name: {"gamma": g["gamma"]}}
+
+
+def in_proj_forward(params: dict, u: np.ndarray, config, name: str):
+    """``xs0, z = split(in_proj(u))``: the SSM branch and the gate branch.
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``params[name]`` (``mamba_block_{i}_in_proj``: ``kernel [hidden, 2 inner]``,
+        ``bias [2 inner]`` with ``proj_bias``).
+    u : ndarray ``[batch, seq_len, hidden]``
+    config : MambaConfig
+    name : str
+
+    Returns
+    -------
+    xs0 : ndarray ``[batch, seq_len, inner]``
+        The first ``inner`` columns (into the conv).
+    z : ndarray ``[batch, seq_len, inner]``
+        The last ``inner`` columns (the gate).
+    saved : DenseSaved
+
+    Examples
+    --------
+    >>> c = MambaConfig(embed_dim=4, hidden_size=4, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> u = np.random.default_rng(0).standard_normal((2, 3, 4))
+    >>> xs0, z, s = in_proj_forward(p, u, c, "mamba_block_1_in_proj")
+    >>> du, frag = in_proj_backward(np.ones_like(xs0), np.zeros_like(z), s, c,
+    ...                             "mamba_block_1_in_proj")
+    >>> xs0.shape, du.shape, frag["mamba_block_1_in_proj"]["kernel"].shape
+    ((2, 3, 8), (2, 3, 4), (4, 16))
+    """
+    c = as_config(config)
+    E = c.inner_size
+    xz, saved = dense_layer_forward(params, u, name)                     # [b, L, 2E]
+    return xz[..., :E], xz[..., E:], saved
+
+
+def in_proj_backward(dxs0: np.ndarray, dz: np.ndarray, saved: DenseSaved, config, name: str):
+    """Backward of :func:`in_proj_forward`: ``d xz = [d xs0 ; d z]``, then the dense backward.
+
+    Parameters
+    ----------
+    dxs0, dz : ndarray ``[batch, seq_len, inner]``
+    saved : DenseSaved
+    config : MambaConfig
+    name : str
+
+    Returns
+    -------
+    du : ndarray ``[batch, seq_len, hidden]``
+    fragment : dict
+        ``{name: {"kernel": [hidden, 2 inner], "bias": [2 inner]}}`` (bias with ``proj_bias``).
+
+    Examples
+    --------
+    See :func:`in_proj_forward`.
+    """
+    return dense_layer_backward(np.concatenate([dxs0, dz], axis=-1), saved, name)
+
+
+class ConvSiluSaved(NamedTuple):
+    """Saved by :func:`conv_silu_forward`.
+
+    Attributes
+    ----------
+    conv : ConvSaved
+        ``x_pad [batch, K-1+seq_len, inner]`` (buffer and input), the kernel.
+    silu : ActivationSaved
+        The conv output ``[batch, seq_len, inner]`` (SiLU's input).
+    """
+
+    conv: ConvSaved
+    silu: ActivationSaved
+
+
+def conv_silu_forward(params: dict, xs0: np.ndarray, config, name: str,
+                      conv_buffer: Optional[np.ndarray] = None):
+    """``xs = silu(causal_depthwise_conv1d(xs0))``, continuing from ``conv_buffer``.
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``params[name]`` (``mamba_block_{i}_conv_dw_conv``: ``kernel [K, 1, inner]``,
+        ``bias [inner]`` with ``conv_bias``).
+    xs0 : ndarray ``[batch, seq_len, inner]``
+    config : MambaConfig
+    name : str
+    conv_buffer : ndarray ``[batch, K-1, inner]``, optional
+        The ``K - 1`` conv inputs before ``xs0`` (zeros: a fresh sequence).
+
+    Returns
+    -------
+    xs : ndarray ``[batch, seq_len, inner]``
+    new_buffer : ndarray ``[batch, K-1, inner]``
+        The last ``K - 1`` frames of ``[conv_buffer ; xs0]`` (the carried state).
+    saved : ConvSiluSaved
+
+    Examples
+    --------
+    >>> c = MambaConfig(embed_dim=4, hidden_size=4, conv_size=3, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> xs0 = np.random.default_rng(0).standard_normal((2, 5, 8))
+    >>> xs, buf, s = conv_silu_forward(p, xs0, c, "mamba_block_1_conv_dw_conv")
+    >>> dxs0, dbuf, frag = conv_silu_backward(np.ones_like(xs), None, s, c,
+    ...                                       "mamba_block_1_conv_dw_conv")
+    >>> buf.shape, dxs0.shape, dbuf.shape, sorted(frag["mamba_block_1_conv_dw_conv"])
+    ((2, 2, 8), (2, 5, 8), (2, 2, 8), ['bias', 'kernel'])
+    """
+    p = params[name]
+    pre, new_buffer, conv_saved = causal_depthwise_conv1d_forward(xs0, p["kernel"], p.get("bias"),
+                                                                  conv_buffer)
+    xs, silu_saved = silu_forward(pre)
+    return xs, new_buffer, ConvSiluSaved(conv_saved, silu_saved)
+
+
+def conv_silu_backward(dxs: np.ndarray, d_new_buffer: Optional[np.ndarray],
+                       saved: ConvSiluSaved, config, name: str):
+    """Backward of :func:`conv_silu_forward`.
+
+    ``d pre = dxs * silu'(pre)``; then the conv's backward, which adds
+    ``d_new_buffer`` to the frames of ``[buffer ; xs0]`` it was taken from.
+
+    Parameters
+    ----------
+    dxs : ndarray ``[batch, seq_len, inner]``
+    d_new_buffer : ndarray ``[batch, K-1, inner]`` or None
+        Gradient of the returned buffer (None: zero).
+    saved : ConvSiluSaved
+    config : MambaConfig
+    name : str
+
+    Returns
+    -------
+    dxs0 : ndarray ``[batch, seq_len, inner]``
+    d_buffer : ndarray ``[batch, K-1, inner]``
+        Gradient of the incoming ``conv_buffer``.
+    fragment : dict
+        ``{name: {"kernel": [K, 1, inner], "bias": [inner]}}`` (bias with ``conv_bias``).
+
+    Examples
+    --------
+    See :func:`conv_silu_forward`.
+    """
+    d_pre = silu_backward(dxs, saved.silu)["x"]
+    g = causal_depthwise_conv1d_backward(d_pre, d_new_buffer, saved.conv)
+    grads = {"kernel": g["kernel"]}
+    if g["bias"] is not None:
+        grads["bias"] = g["bias"]
+    return g["x"], g["buffer"], {name: grads}
+
+
+class ProjectionsSaved(NamedTuple):
+    """Saved by :func:`ssm_projections_forward` (the ops' saved values; None where unused).
+
+    Attributes
+    ----------
+    x_proj : DenseSaved or None
+        Fused (``mamba_ssm``): ``xs [b, L, inner] -> [dt_low ; B ; C]``.
+    bc_proj, dt_rank : DenseSaved or None
+        Split (``edifice``): ``xs -> [B ; C]`` and ``xs -> dt_low``.
+    dt_proj : DenseSaved
+        ``dt_low [b, L, R] -> delta_raw [b, L, inner]``, kernel only (its bias
+        enters the scan as ``delta_bias``).
+    """
+
+    x_proj: Optional[DenseSaved]
+    bc_proj: Optional[DenseSaved]
+    dt_rank: Optional[DenseSaved]
+    dt_proj: DenseSaved
+
+
+def ssm_projections_forward(params: dict, xs: np.ndarray, config, name: str):
+    """``dt_low, B, C = x_proj(xs)``; ``delta_raw = dt_low @ dt_proj.kernel``.
+
+    Fused (``x_proj``, columns ``[dt_low (R) ; B (N) ; C (N)]``, no bias) or
+    split (``bc_proj`` columns ``[B ; C]`` and ``dt_rank``, both with bias).
+    The ``dt_proj.bias`` is added inside the scan, before the softplus
+    (:func:`ssm_scan_forward`), as the official ``selective_scan_fn(delta_bias=...)``.
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``{name}_x_proj`` (or ``{name}_bc_proj`` and ``{name}_dt_rank``) and
+        ``{name}_dt_proj``.
+    xs : ndarray ``[batch, seq_len, inner]``
+    config : MambaConfig
+    name : str
+        ``mamba_block_{i}_ssm``.
+
+    Returns
+    -------
+    delta_raw : ndarray ``[batch, seq_len, inner]``
+    B, C : ndarray ``[batch, seq_len, N]``
+    saved : ProjectionsSaved
+
+    Examples
+    --------
+    >>> c = MambaConfig(embed_dim=4, hidden_size=4, state_size=3, num_layers=1, preset="edifice")
+    >>> p = random_params(c, seed=0)
+    >>> xs = np.random.default_rng(0).standard_normal((2, 5, 8))
+    >>> dr, B, C, s = ssm_projections_forward(p, xs, c, "mamba_block_1_ssm")
+    >>> dxs, frag = ssm_projections_backward(np.ones_like(dr), np.ones_like(B), np.ones_like(C),
+    ...                                      s, c, "mamba_block_1_ssm")
+    >>> dr.shape, B.shape, dxs.shape
+    ((2, 5, 8), (2, 5, 3), (2, 5, 8))
+    >>> sorted(frag)
+    ['mamba_block_1_ssm_bc_proj', 'mamba_block_1_ssm_dt_proj', 'mamba_block_1_ssm_dt_rank']
+    """
+    c = as_config(config)
+    N, R = c.state_size, c.dt_rank_size
+    x_proj = bc_proj = dt_rank = None
+    if c.x_proj == "fused":
+        x_dbl, x_proj = dense_layer_forward(params, xs, f"{name}_x_proj")   # [b, L, R + 2N]
+        dt_low, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
+    else:
+        bc, bc_proj = dense_layer_forward(params, xs, f"{name}_bc_proj")    # [b, L, 2N]
+        B, C = bc[..., :N], bc[..., N:]
+        dt_low, dt_rank = dense_layer_forward(params, xs, f"{name}_dt_rank")  # [b, L, R]
+    delta_raw, dt_proj = dense_forward(dt_low, params[f"{name}_dt_proj"]["kernel"])  # [b, L, E]
+    return delta_raw, B, C, ProjectionsSaved(x_proj, bc_proj, dt_rank, dt_proj)
+
+
+def ssm_projections_backward(d_delta_raw: np.ndarray, dB: np.ndarray, dC: np.ndarray,
+                             saved: ProjectionsSaved, config, name: str):
+    """Backward of :func:`ssm_projections_forward`.
+
+    ``d dt_low = d delta_raw @ dt_proj.kernel^T``; fused: ``d x_dbl = [d dt_low ;
+    dB ; dC]``; split: ``d bc = [dB ; dC]`` and ``d dt_low`` into ``dt_rank``,
+    the two ``d xs`` summed.
+
+    Parameters
+    ----------
+    d_delta_raw : ndarray ``[batch, seq_len, inner]``
+    dB, dC : ndarray ``[batch, seq_len, N]``
+    saved : ProjectionsSaved
+    config : MambaConfig
+    name : str
+
+    Returns
+    -------
+    dxs : ndarray ``[batch, seq_len, inner]``
+    fragment : dict
+        ``{name}_x_proj`` or ``{name}_bc_proj`` and ``{name}_dt_rank``, and
+        ``{name}_dt_proj: {"kernel"}`` (its ``bias`` comes from :func:`ssm_scan_backward`).
+
+    Examples
+    --------
+    See :func:`ssm_projections_forward`.
+    """
+    c = as_config(config)
+    d_dt_low, frag = dense_layer_backward(d_delta_raw, saved.dt_proj, f"{name}_dt_proj")
+    if c.x_proj == "fused":
+        dxs, g = dense_layer_backward(np.concatenate([d_dt_low, dB, dC], axis=-1), saved.x_proj,
+                                      f"{name}_x_proj")
+        _merge_grads(frag, g)
+    else:
+        dxs, g = dense_layer_backward(np.concatenate([dB, dC], axis=-1), saved.bc_proj,
+                                      f"{name}_bc_proj")
+        _merge_grads(frag, g)
+        dxs_dt, g = dense_layer_backward(d_dt_low, saved.dt_rank, f"{name}_dt_rank")
+        _merge_grads(frag, g)
+        dxs = dxs + dxs_dt
+    return dxs, frag
+
+
+class ScanSaved(NamedTuple):
+    """Saved by :func:`ssm_scan_forward`.
+
+    Attributes
+    ----------
+    A : ndarray ``[inner, N]``
+        The continuous-time ``A`` used (for ``d A_log = d A * A``).
+    scan : SelectiveScanSaved
+        The selective scan's own saved values (prologue, engine core, epilogue).
+    """
+
+    A: np.ndarray
+    scan: SelectiveScanSaved
+
+
+def ssm_scan_forward(params: dict, xs: np.ndarray, z: np.ndarray, delta_raw: np.ndarray,
+                     B: np.ndarray, C: np.ndarray, config, name: str,
+                     h0: Optional[np.ndarray] = None, *, engine: str = "numpy"):
+    """The selective scan of one block, eqs. 2a, 2b and 4, gated by ``silu(z)``::
+
+        A      = -exp(A_log)  (or Edifice's fixed -(1..N))            [E, N]
+        delta  = softplus(delta_raw + dt_proj.bias)  (clip: Edifice)  [b, L, E]
+        h_t    = exp(delta_t A) h_{t-1} + (delta_t or mean_c delta_t) B_t xs_t
+        y_t    = (C_t . h_t + D xs_t) * silu(z_t)                     [b, L, E]
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``{name}_dt_proj.bias`` and ``{name}`` (``A_log``, ``D`` when the config has them).
+    xs, z, delta_raw : ndarray ``[batch, seq_len, inner]``
+    B, C : ndarray ``[batch, seq_len, N]``
+    config : MambaConfig
+    name : str
+        ``mamba_block_{i}_ssm``.
+    h0 : ndarray ``[batch, inner, N]``, optional
+        State before the first frame (zeros if omitted).
+    engine : {"numpy", "numba", "logdepth"}
+
+    Returns
+    -------
+    y : ndarray ``[batch, seq_len, inner]``
+    h_last : ndarray ``[batch, inner, N]``
+    saved : ScanSaved
+
+    Examples
+    --------
+    >>> c = MambaConfig(embed_dim=4, hidden_size=4, state_size=3, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> rng = np.random.default_rng(0)
+    >>> xs, z, dr = rng.standard_normal((3, 2, 5, 8))
+    >>> B, C = rng.standard_normal((2, 2, 5, 3))
+    >>> y, h, s = ssm_scan_forward(p, xs, z, dr, B, C, c, "mamba_block_1_ssm")
+    >>> d, frag = ssm_scan_backward(np.ones_like(y), None, s, c, "mamba_block_1_ssm")
+    >>> sorted(d), sorted(frag["mamba_block_1_ssm"]), sorted(frag["mamba_block_1_ssm_dt_proj"])
+    (['B', 'C', 'delta_raw', 'h0', 'xs', 'z'], ['A_log', 'D'], ['bias'])
+    """
+    c = as_config(config)
+    A = _A(params, name, c)
+    D = params[name]["D"] if c.d_skip else None
+    y, h_last, scan_saved = selective_scan_forward(
+        xs, delta_raw, A, B, C, D, z, delta_bias=params[f"{name}_dt_proj"]["bias"],
+        delta_softplus=True, initial_state=h0, delta_clip=c.delta_clip,
+        delta_b_mean=(c.b_bar == "channel_mean"), engine=engine)
+    return y, h_last, ScanSaved(A, scan_saved)
+
+
+def ssm_scan_backward(dy: np.ndarray, d_h_last: Optional[np.ndarray], saved: ScanSaved, config,
+                      name: str):
+    """Backward of :func:`ssm_scan_forward`: the reverse-time scan, then the parameters.
+
+    The scan's backward (:func:`refssm.ssm.selective_scan.selective_scan_backward`)
+    gives ``d A``; with ``A = -exp(A_log)``, ``d A / d A_log = -exp(A_log) = A``,
+    so ``d A_log = d A * A``. A fixed ``A`` has no gradient to keep. The
+    softplus, the clip (zero gradient where ``delta`` was clipped) and the
+    channel mean are differentiated inside the scan's backward.
+
+    Parameters
+    ----------
+    dy : ndarray ``[batch, seq_len, inner]``
+    d_h_last : ndarray ``[batch, inner, N]`` or None
+        Gradient of the returned ``h_last`` (None: zero).
+    saved : ScanSaved
+    config : MambaConfig
+    name : str
+
+    Returns
+    -------
+    grads : dict
+        ``xs, z, delta_raw [batch, seq_len, inner]``, ``B, C [batch, seq_len, N]``,
+        ``h0 [batch, inner, N]``.
+    fragment : dict
+        ``{name}_dt_proj: {"bias"}`` and ``{name}: {"A_log", "D"}`` (those the config has).
+
+    Examples
+    --------
+    See :func:`ssm_scan_forward`.
+    """
+    c = as_config(config)
+    g = selective_scan_backward(dy, d_h_last, saved.scan)
+    ssm = {}
+    if c.a_param == "learned":
+        ssm["A_log"] = g["A"] * saved.A                                  # dA/dA_log = A
+    if c.d_skip:
+        ssm["D"] = g["D"]
+    frag = {f"{name}_dt_proj": {"bias": g["delta_bias"]}}
+    if ssm:
+        frag[name] = ssm
+    grads = dict(xs=g["u"], z=g["z"], delta_raw=g["delta"], B=g["B"], C=g["C"],
+                 h0=g["initial_state"])
+    return grads, frag
+
+
+class MambaBlockSaved(NamedTuple):
+    """What one block's forward keeps for its backward, by equation.
+
+    Attributes
+    ----------
+    layer_idx : int
+        1-based (the layer names ``mamba_block_{layer_idx}_*``).
+    norm : LayerNormSaved or RMSNormSaved
+        ``u = norm(x)``.
+    in_proj : DenseSaved
+        ``xs0, z = split(in_proj(u))``.
+    conv_silu : ConvSiluSaved
+        ``xs = silu(conv1d(xs0))``.
+    projections : ProjectionsSaved
+        ``delta_raw, B, C`` from ``xs``.
+    scan : ScanSaved
+        ``y = scan(...) * silu(z)``.
+    out_proj : DenseSaved
+        ``out = out_proj(y)``.
+    """
+
+    layer_idx: int
+    norm: object
+    in_proj: DenseSaved
+    conv_silu: ConvSiluSaved
+    projections: ProjectionsSaved
+    scan: ScanSaved
+    out_proj: DenseSaved
+
+
+def mamba_block_forward_with_saved(params: dict, x: np.ndarray, config, layer_idx: int,
+                                   conv_buffer: Optional[np.ndarray] = None,
+                                   h0: Optional[np.ndarray] = None, *, engine: str = "numpy"):
+    """One Mamba block over a sequence (without the residual add), keeping what the backward needs.
+
+    The same numbers as :func:`mamba_block_forward`.
+
+    Parameters
+    ----------
+    params : dict
+    x : ndarray ``[batch, seq_len, hidden]``
+    config : MambaConfig
+    layer_idx : int
+        1-based.
+    conv_buffer : ndarray ``[batch, conv_size-1, inner]``, optional
+    h0 : ndarray ``[batch, inner, N]``, optional
+    engine : {"numpy", "numba", "logdepth"}
+
+    Returns
+    -------
+    out : ndarray ``[batch, seq_len, hidden]``
+    conv_buffer : ndarray ``[batch, conv_size-1, inner]``
+    h_last : ndarray ``[batch, inner, N]``
+    saved : MambaBlockSaved
+
+    Examples
+    --------
+    >>> c = MambaConfig(embed_dim=4, hidden_size=4, state_size=3, conv_size=3, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 4))
+    >>> out, buf, h, s = mamba_block_forward_with_saved(p, x, c, 1)
+    >>> bool(np.array_equal(out, mamba_block_forward(p, x, c, 1)[0]))
+    True
+    >>> dx, dbuf, dh0, frag = mamba_block_backward(np.ones_like(out), None, None, s, c)
+    >>> dx.shape, dbuf.shape, dh0.shape, set(frag) == set(param_shapes(c)) - {"final_norm"}
+    ((2, 5, 4), (2, 2, 8), (2, 8, 3), True)
+    """
+    c = as_config(config)
+    b = _block_name(layer_idx)
+    u, s_norm = norm_forward(params, x, c, f"{b}_norm")                          # [b, L, H]
+    xs0, z, s_in = in_proj_forward(params, u, c, f"{b}_in_proj")                 # [b, L, E] x2
+    xs, conv_buffer, s_conv = conv_silu_forward(params, xs0, c, f"{b}_conv_dw_conv",
+                                                conv_buffer)                     # [b, L, E]
+    delta_raw, B, C, s_proj = ssm_projections_forward(params, xs, c, f"{b}_ssm")  # E; N, N
+    y, h_last, s_scan = ssm_scan_forward(params, xs, z, delta_raw, B, C, c, f"{b}_ssm", h0,
+                                         engine=engine)                          # [b, L, E]
+    out, s_out = dense_layer_forward(params, y, f"{b}_out_proj")                 # [b, L, H]
+    saved = MambaBlockSaved(int(layer_idx), s_norm, s_in, s_conv, s_proj, s_scan, s_out)
+    return out, conv_buffer, h_last, saved
+
+
+def mamba_block_backward(d_out: np.ndarray, d_conv_buffer: Optional[np.ndarray],
+                         d_h_last: Optional[np.ndarray], saved: MambaBlockSaved, config):
+    """Backward of :func:`mamba_block_forward_with_saved`, the equations in reverse order.
+
+    ``xs`` feeds both the projections and the scan (as ``u``), so its gradient
+    is the sum of the two.
+
+    Parameters
+    ----------
+    d_out : ndarray ``[batch, seq_len, hidden]``
+    d_conv_buffer : ndarray ``[batch, conv_size-1, inner]`` or None
+        Gradient of the returned conv buffer (None: zero).
+    d_h_last : ndarray ``[batch, inner, N]`` or None
+        Gradient of the returned state (None: zero).
+    saved : MambaBlockSaved
+    config : MambaConfig
+
+    Returns
+    -------
+    dx : ndarray ``[batch, seq_len, hidden]``
+        Gradient of the block's input (add the residual's yourself).
+    d_conv_buffer0 : ndarray ``[batch, conv_size-1, inner]``
+        Gradient of the incoming conv buffer.
+    d_h0 : ndarray ``[batch, inner, N]``
+        Gradient of the incoming state.
+    fragment : dict
+        The block's layers of the parameter-gradient tree.
+
+    Examples
+    --------
+    See :func:`mamba_block_forward_with_saved`.
+    """
+    c = as_config(config)
+    b = _block_name(saved.layer_idx)
+    frag = {}
+    dy, g = dense_layer_backward(d_out, saved.out_proj, f"{b}_out_proj")
+    _merge_grads(frag, g)
+    d, g = ssm_scan_backward(dy, d_h_last, saved.scan, c, f"{b}_ssm")
+    _merge_grads(frag, g)
+    dxs_proj, g = ssm_projections_backward(d["delta_raw"], d["B"], d["C"], saved.projections, c,
+                                           f"{b}_ssm")
+    _merge_grads(frag, g)
+    dxs = d["xs"] + dxs_proj                                 # xs -> projections and scan input
+    dxs0, d_conv_buffer0, g = conv_silu_backward(dxs, d_conv_buffer, saved.conv_silu, c,
+                                                 f"{b}_conv_dw_conv")
+    _merge_grads(frag, g)
+    du, g = in_proj_backward(dxs0, d["z"], saved.in_proj, c, f"{b}_in_proj")
+    _merge_grads(frag, g)
+    dx, g = norm_backward(du, saved.norm, c, f"{b}_norm")
+    _merge_grads(frag, g)
+    return dx, d_conv_buffer0, d["h0"], frag
+
+
+class MambaSaved(NamedTuple):
+    """What :func:`forward_with_saved` keeps for :func:`backward`.
+
+    Attributes
+    ----------
+    config : MambaConfig
+    input_projection : DenseSaved or None
+        None when ``embed_dim == hidden_size`` (no projection).
+    blocks : tuple of MambaBlockSaved
+        One per layer, in order.
+    dropouts : tuple of DropoutSaved or None
+        After block ``i`` (``i < num_layers``); None entries when no dropout was
+        applied (inference, or ``dropout == 0``). ``DropoutSaved.scale`` is
+        the mask divided by ``1 - rate``.
+    final_norm : LayerNormSaved or RMSNormSaved or None
+    batch, seq_len : int
+    return_sequence : bool
+        The output was ``[batch, seq_len, hidden]`` (else the last timestep).
+    has_state : bool
+        A carried ``state`` was given (then :func:`backward` returns its gradient).
+    """
+
+    config: MambaConfig
+    input_projection: Optional[DenseSaved]
+    blocks: tuple
+    dropouts: tuple
+    final_norm: object
+    batch: int
+    seq_len: int
+    return_sequence: bool
+    has_state: bool
+
+
+class MambaGrads(NamedTuple):
+    """What :func:`backward` returns.
+
+    Attributes
+    ----------
+    x : ndarray ``[batch, seq_len, embed_dim]``
+        Gradient of the model input.
+    params : dict
+        ``{layer: {name: grad}}``, exactly the layers, names, order and shapes
+        of the parameter tree (:func:`param_shapes`).
+    state : MambaCache or None
+        Gradient of the carried initial ``state`` (``h [batch, num_layers,
+        inner, N]``, ``conv [batch, num_layers, conv_size-1, inner]``); None
+        when :func:`forward_with_saved` was called without one.
+    """
+
+    x: np.ndarray
+    params: dict
+    state: Optional[MambaCache]
+
+
+def forward_with_saved(params: dict, x, config=None, *, state: Optional[MambaCache] = None,
+                       return_sequence: bool = False, training: bool = False, seed=None,
+                       engine: str = "numpy"):
+    """:func:`forward` that also keeps, per layer, the named values :func:`backward` needs.
+
+    Same arguments and the same numbers as :func:`forward` (dropout included:
+    the same ``seed`` draws the same masks, and the masks are saved).
+
+    Parameters
+    ----------
+    params : dict
+    x : ndarray ``[batch, seq_len, embed_dim]``
+    config : MambaConfig or dict
+    state : MambaCache, optional
+        Carried state (then :func:`backward` also returns its gradient).
+    return_sequence : bool
+    training : bool
+        Dropout between blocks (rate ``config.dropout``, needs ``seed``); its
+        masks are saved and used by the backward.
+    seed : int or numpy Generator
+    engine : {"numpy", "numba", "logdepth"}
+        Selective-scan engine; its backward is used by :func:`backward`.
+
+    Returns
+    -------
+    result : MambaOutput
+        ``(output, state, hidden_states)``, as :func:`forward`.
+    saved : MambaSaved
+
+    Raises
+    ------
+    ValueError
+        As :func:`forward`.
+
+    Examples
+    --------
+    The gradient of the scalar loss ``sum(W * output)``:
+
+    >>> c = MambaConfig(embed_dim=3, hidden_size=8, state_size=2, num_layers=2)
+    >>> params = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    >>> res, saved = forward_with_saved(params, x, c)
+    >>> W = np.random.default_rng(1).standard_normal(res.output.shape)
+    >>> grads = backward(W, saved)
+    >>> grads.x.shape, grads.state, list(grads.params) == list(params)
+    ((2, 5, 3), None, True)
+
+    It agrees with a central finite difference of :func:`forward` along a direction ``V``:
+
+    >>> V = np.random.default_rng(2).standard_normal(x.shape)
+    >>> loss = lambda x_: float(np.sum(W * forward(params, x_, c).output))
+    >>> fd = (loss(x + 1e-5 * V) - loss(x - 1e-5 * V)) / 2e-5
+    >>> bool(abs(fd - np.sum(grads.x * V)) <= 1e-8 * abs(fd))
+    True
+    """
+    c = as_config(config)
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    x = _check_x(x, c)
+    params = check_params(params, param_shapes(c))
+    batch, seq_len = x.shape[:2]
+    has_state = state is not None
+    state = init_cache(c, batch) if state is None else _check_cache(state, c, batch)
+    rng = None
+    if training and c.dropout > 0:
+        if seed is None:
+            raise ValueError("forward_with_saved: training=True with dropout > 0 needs seed (int "
+                             "or numpy Generator), got None")
+        rng = _rng(seed)
+    s_input = None
+    if "input_projection" in params:
+        x, s_input = dense_layer_forward(params, x, "input_projection")  # [batch, L, H]
+    hidden_states = [x]
+    new_h = np.empty(state.h.shape, dtype=np.result_type(state.h, x))
+    new_conv = np.empty(state.conv.shape, dtype=np.result_type(state.conv, x))
+    blocks, dropouts = [], []
+    for i in range(1, c.num_layers + 1):
+        out, new_conv[:, i - 1], new_h[:, i - 1], s_block = mamba_block_forward_with_saved(
+            params, x, c, i, state.conv[:, i - 1], state.h[:, i - 1], engine=engine)
+        blocks.append(s_block)
+        x = x + out                                                       # residual
+        if i < c.num_layers:
+            s_drop = None
+            if rng is not None:                                           # between blocks
+                x, s_drop = dropout_forward(x, c.dropout, training=True, rng=rng)
+            dropouts.append(s_drop)
+        hidden_states.append(x)
+    s_final = None
+    if c.final_norm:
+        x, s_final = norm_forward(params, x, c, "final_norm")
+    output = x if return_sequence else x[:, -1]
+    saved = MambaSaved(c, s_input, tuple(blocks), tuple(dropouts), s_final, batch, seq_len,
+                       bool(return_sequence), has_state)
+    return MambaOutput(output, MambaCache(new_h, new_conv), tuple(hidden_states)), saved
+
+
+def _check_d_state(d_state, c: MambaConfig, batch: int):
+    """``d_state`` as ``(h or None, conv or None)`` with the cache's shapes."""
+    if d_state is None:
+        return None, None
+    if not (isinstance(d_state, tuple) and len(d_state) == 2):
+        raise ValueError(f"d_state: expected a MambaCache (h, conv) of gradients (either may be "
+                         f"None), got {type(d_state).__name__}")
+    out = []
+    for name, value, want, axes in (
+            ("h", d_state[0], (batch, c.num_layers, c.inner_size, c.state_size),
+             "[batch, num_layers, inner, state]"),
+            ("conv", d_state[1], (batch, c.num_layers, c.conv_size - 1, c.inner_size),
+             "[batch, num_layers, conv_size-1, inner]")):
+        if value is not None:
+            value = as_float_array(value, f"d_state.{name}", ndim=4)
+            if value.shape != want:
+                raise ValueError(f"d_state.{name}: expected shape {want} {axes}, got {value.shape}")
+        out.append(value)
+    return tuple(out)
+
+
+def backward(d_out, saved: MambaSaved, *, d_state: Optional[MambaCache] = None) -> MambaGrads:
+    """Manual backward of the whole model: gradients of a scalar loss from those of the outputs.
+
+    Given ``d_out = dLoss/d output`` (and optionally ``d_state = dLoss/d state``,
+    the returned carried state, for a loss on it or to backpropagate through
+    the next chunk), returns ``dLoss/dx``, ``dLoss/dparams`` in the tree's
+    layout, and ``dLoss/d state_in`` when a carried state was given. Runs the
+    forward's equations in reverse: final norm, then per block (last first)
+    dropout, residual (``dx += d block_input``), the block's backward, then
+    the input projection.
+
+    Parameters
+    ----------
+    d_out : ndarray
+        ``[batch, hidden]`` (last timestep) or ``[batch, seq_len, hidden]``
+        (``return_sequence``), as the forward's output.
+    saved : MambaSaved
+        From :func:`forward_with_saved` (its scan engine's backward is used).
+    d_state : MambaCache, optional
+        Gradients of the returned state, ``h [batch, num_layers, inner, N]``
+        and ``conv [batch, num_layers, conv_size-1, inner]`` (either may be
+        None; None means zero).
+
+    Returns
+    -------
+    MambaGrads
+        ``(x, params, state)``: ``x [batch, seq_len, embed_dim]``; ``params``
+        with exactly the layers and names of the parameter tree; ``state``
+        a :class:`MambaCache` of gradients, or None without a carried state.
+
+    Raises
+    ------
+    ValueError
+        ``d_out`` or ``d_state`` of the wrong shape, or not finite.
+
+    Examples
+    --------
+    Processing in chunks and backpropagating through the carried state gives
+    the one-call gradients:
+
+    >>> c = MambaConfig(embed_dim=3, hidden_size=8, state_size=2, conv_size=3, preset="edifice")
+    >>> params = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((1, 6, 3))
+    >>> W = np.random.default_rng(1).standard_normal((1, 6, 8))
+    >>> full, s = forward_with_saved(params, x, c, return_sequence=True)
+    >>> g = backward(W, s)
+    >>> a, sa = forward_with_saved(params, x[:, :4], c, return_sequence=True)
+    >>> b, sb = forward_with_saved(params, x[:, 4:], c, state=a.state, return_sequence=True)
+    >>> gb = backward(W[:, 4:], sb)
+    >>> ga = backward(W[:, :4], sa, d_state=gb.state)
+    >>> dx = np.concatenate([ga.x, gb.x], axis=1)
+    >>> bool(np.allclose(dx, g.x, rtol=0, atol=1e-13))
+    True
+    """
+    if not isinstance(saved, MambaSaved):
+        raise ValueError(f"saved: expected the MambaSaved of forward_with_saved, got "
+                         f"{type(saved).__name__}")
+    c = saved.config
+    batch, seq_len, H = saved.batch, saved.seq_len, c.hidden_size
+    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
+    d_out = as_float_array(d_out, "d_out", ndim=len(want))
+    if d_out.shape != want:
+        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
+        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
+                         f"got {d_out.shape}")
+    d_h, d_conv = _check_d_state(d_state, c, batch)
+    dtype = np.result_type(d_out, np.float64)
+    dparams = {}
+    # --- output: last timestep or the whole sequence -------------------------
+    if saved.return_sequence:
+        dx = np.array(d_out, dtype=dtype)                                 # [batch, L, H]
+    else:
+        dx = np.zeros((batch, seq_len, H), dtype=dtype)
+        dx[:, -1] = d_out
+    if saved.final_norm is not None:
+        dx, g = norm_backward(dx, saved.final_norm, c, "final_norm")
+        _merge_grads(dparams, g)
+    # --- blocks, last first: x_i = dropout(x_{i-1} + block_i(x_{i-1})) ------
+    dh0 = np.zeros((batch, c.num_layers, c.inner_size, c.state_size), dtype=dtype)
+    dconv0 = np.zeros((batch, c.num_layers, c.conv_size - 1, c.inner_size), dtype=dtype)
+    for i in range(c.num_layers, 0, -1):
+        if i < c.num_layers and saved.dropouts[i - 1] is not None:
+            dx = dropout_backward(dx, saved.dropouts[i - 1])["x"]
+        d_block_in, dconv0[:, i - 1], dh0[:, i - 1], g = mamba_block_backward(
+            dx, None if d_conv is None else d_conv[:, i - 1],
+            None if d_h is None else d_h[:, i - 1], saved.blocks[i - 1], c)
+        _merge_grads(dparams, g)
+        dx = dx + d_block_in                                              # residual
+    if saved.input_projection is not None:
+        dx, g = dense_layer_backward(dx, saved.input_projection, "input_projection")
+        _merge_grads(dparams, g)
+    # --- the tree, in the parameters' order ----------------------------------
+    shapes = param_shapes(c)
+    tree = {layer: {name: dparams[layer][name] for name in names}
+            for layer, names in shapes.items()}
+    extra = {(layer, name) for layer, g in dparams.items() for name in g} - \
+            {(layer, name) for layer, names in shapes.items() for name in names}
+    if extra:                                                             # internal consistency
+        raise AssertionError(f"gradients for parameters not in the tree: {sorted(extra)}")
+    d_state_in = MambaCache(dh0, dconv0) if saved.has_state else None
+    return MambaGrads(dx, tree, d_state_in)
