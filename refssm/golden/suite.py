@@ -127,15 +127,75 @@ def selective_scan_fixture_tensors(seed: int, dtype: str, *, preset="mamba_ssm")
 # Model fixtures
 # ---------------------------------------------------------------------------
 
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
 def _flatten_params(params: dict, dtype: str) -> dict:
     return {f"{layer}.{name}": _stored(dtype, arr)
             for layer, p in params.items() for name, arr in p.items()}
 
 
-def mamba_fixture_tensors(seed: int, dtype: str, *, preset: str, config: dict):
-    """Mamba: input, parameters, last/sequence outputs, every step, final cache, gradients."""
-    from ..models import mamba
+def s5_scan_fixture_tensors(seed: int, dtype: str):
+    """The S5 SSM layer (ZOH, conjugate symmetry) with a carried state, and its gradients.
 
+    Complex states are stored as ``_re``/``_im`` pairs; parameters in refssm's
+    real layout (``B [P, H, 2]``, ``C [H, P, 2]``: last axis = real, imaginary).
+    Loss: ``sum(w_out * out) + sum(w_state_re * Re(last) + w_state_im * Im(last))``.
+    """
+    from ..ssm import s5
+
+    rng = np.random.default_rng(seed)
+    batch, L, H, P = 2, 24, 5, 8
+    params = _round_to(dtype, s5.init_s5_ssm(H, P, rng=rng))
+    u = _round_to(dtype, rng.standard_normal((batch, L, H)))
+    Ps = params["Lambda_re"].shape[0]
+    h0 = (_round_to(dtype, rng.standard_normal((batch, Ps)))
+          + 1j * _round_to(dtype, rng.standard_normal((batch, Ps))))
+    W = _round_to(dtype, rng.standard_normal((batch, L, H)))
+    Wr = _round_to(dtype, rng.standard_normal((batch, Ps)))
+    Wi = _round_to(dtype, rng.standard_normal((batch, Ps)))
+    y, last, saved = s5.s5_ssm_forward(params, u, initial_state=h0)
+    g = s5.s5_ssm_backward(W, Wr + 1j * Wi, saved)
+    t = {f"input/{k}": _stored(dtype, v) for k, v in params.items()}
+    t.update({"input/u": _stored(dtype, u), "input/initial_state_re": _stored(dtype, h0.real),
+              "input/initial_state_im": _stored(dtype, h0.imag), "input/w_out": _stored(dtype, W),
+              "input/w_state_re": _stored(dtype, Wr), "input/w_state_im": _stored(dtype, Wi)})
+    t["output/out"] = y
+    t["output/last_state_re"] = last.real
+    t["output/last_state_im"] = last.imag
+    for k, v in g.items():
+        if np.iscomplexobj(v):
+            t[f"grad/input/{k}_re"], t[f"grad/input/{k}_im"] = v.real, v.imag
+        else:
+            t[f"grad/input/{k}"] = v
+    return t, dict(batch=batch, seq_len=L, hidden_size=H, state_size=P, conj_sym=True,
+                   discretization="zoh")
+
+
+def _cache_tensors(cache) -> dict:
+    """``cache/<field>`` for every array of a model's cache (a NamedTuple)."""
+    out = {}
+    for name, v in cache._asdict().items():
+        if isinstance(v, np.ndarray):
+            if np.iscomplexobj(v):
+                out[f"cache/{name}_re"], out[f"cache/{name}_im"] = v.real, v.imag
+            else:
+                out[f"cache/{name}"] = v
+    return out
+
+
+def mamba_fixture_tensors(seed: int, dtype: str, *, preset: str, config: dict):
+    """Mamba: see :func:`model_fixture_tensors`."""
+    return model_fixture_tensors(seed, dtype, arch="mamba", preset=preset, config=config)
+
+
+def model_fixture_tensors(seed: int, dtype: str, *, arch: str, preset: str, config: dict):
+    """A model: input, parameters, last/sequence outputs, per-block hidden states, every
+    step, the final cache, and (where the model has a manual backward) gradients."""
+    import importlib
+
+    mamba = importlib.import_module(f"refssm.models.{arch}")
     cfg = mamba.as_config(dict(config, preset=preset))
     rng = np.random.default_rng(seed)
     params = _round_to(dtype, mamba.random_params(cfg, seed=seed))
@@ -149,14 +209,14 @@ def mamba_fixture_tensors(seed: int, dtype: str, *, preset: str, config: dict):
     t["output/last"] = res.output[:, -1]
     for i, hs in enumerate(res.hidden_states):
         t[f"output/hidden_state_{i}"] = hs
-    cache = mamba.init_cache(cfg, batch)
-    steps = []
-    for k in range(L):
-        y, cache = mamba.step(params, cache, x[:, k], cfg)
-        steps.append(y)
-    t["step/output"] = np.stack(steps, axis=1)            # [batch, seq_len, hidden]
-    t["cache/h"] = cache.h
-    t["cache/conv"] = cache.conv
+    if getattr(cfg, "scan_mode", "causal") == "causal":     # GatedSSM legacy cannot step
+        cache = mamba.init_cache(cfg, batch)
+        steps = []
+        for k in range(L):
+            y, cache = mamba.step(params, cache, x[:, k], cfg)
+            steps.append(y)
+        t["step/output"] = np.stack(steps, axis=1)            # [batch, seq_len, hidden]
+        t.update(_cache_tensors(cache))
     if hasattr(mamba, "backward") and hasattr(mamba, "forward_with_saved"):
         _, saved = mamba.forward_with_saved(params, x, cfg, return_sequence=True)
         grads = mamba.backward(W, saved)
@@ -164,7 +224,7 @@ def mamba_fixture_tensors(seed: int, dtype: str, *, preset: str, config: dict):
         for layer, p in grads.params.items():
             for name, g in p.items():
                 t[f"grad/{layer}.{name}"] = g
-    full_config = {f.name: getattr(cfg, f.name) for f in cfg.__dataclass_fields__.values()}
+    full_config = {f.name: _plain(getattr(cfg, f.name)) for f in cfg.__dataclass_fields__.values()}
     full_config["batch"] = batch
     full_config["seq_len"] = L
     return t, full_config
@@ -178,15 +238,34 @@ SUITE = [
     ("core_selective_scan_edifice", "core", "edifice", selective_scan_fixture_tensors,
      {"preset": "edifice"}),
 ]
-for _preset in ("mamba_ssm", "edifice"):
-    SUITE.append((f"mamba_{_preset}_small", "mamba", _preset, mamba_fixture_tensors,
-                  {"preset": _preset, "config": dict(embed_dim=5, hidden_size=8, state_size=4,
-                                                     expand_factor=2, conv_size=4, num_layers=2,
-                                                     seq_len=12)}))
-    SUITE.append((f"mamba_{_preset}_wide", "mamba", _preset, mamba_fixture_tensors,
-                  {"preset": _preset, "config": dict(embed_dim=24, hidden_size=24, state_size=8,
-                                                     expand_factor=2, conv_size=3, num_layers=3,
-                                                     seq_len=20)}))
+SUITE.append(("core_s5_ssm", "core", "s5", s5_scan_fixture_tensors, {}))
+
+#: Two configs per architecture: a small one, and a wider/deeper one with other sizes.
+_MODEL_CONFIGS = {
+    "mamba": (("mamba_ssm", "edifice"),
+              dict(embed_dim=5, hidden_size=8, state_size=4, expand_factor=2, conv_size=4,
+                   num_layers=2, seq_len=12),
+              dict(embed_dim=24, hidden_size=24, state_size=8, expand_factor=2, conv_size=3,
+                   num_layers=3, seq_len=20)),
+    "gated_ssm": (("causal", "edifice"),
+                  dict(embed_dim=5, hidden_size=8, state_size=4, expand_factor=2, conv_size=4,
+                       num_layers=2, seq_len=12),
+                  dict(embed_dim=24, hidden_size=32, state_size=8, expand_factor=2, conv_size=3,
+                       num_layers=3, seq_len=20)),
+    "s5": (("s5", "edifice"),
+           dict(embed_dim=5, hidden_size=8, state_size=4, num_layers=2, seq_len=12),
+           dict(embed_dim=16, hidden_size=16, state_size=8, num_layers=3, seq_len=20)),
+    "ss_transformer": (("mamba_ssm", "edifice"),
+                       dict(embed_dim=5, hidden_size=8, state_size=4, num_layers=2, num_heads=2,
+                            head_dim=4, expand_factor=2, conv_size=4, seq_len=12),
+                       dict(embed_dim=16, hidden_size=16, state_size=4, num_layers=3,
+                            num_heads=4, head_dim=3, expand_factor=2, conv_size=3, seq_len=20)),
+}
+for _arch, (_presets, _small, _wide) in _MODEL_CONFIGS.items():
+    for _preset in _presets:
+        for _size, _cfg in (("small", _small), ("wide", _wide)):
+            SUITE.append((f"{_arch}_{_preset}_{_size}", _arch, _preset, model_fixture_tensors,
+                          {"arch": _arch, "preset": _preset, "config": dict(_cfg, dropout=0.0)}))
 
 
 def write_suite(out_dir, seed: int = 0, dtypes=("float64", "float32"), progress=sys.stderr,
