@@ -10,6 +10,7 @@ Examples
     refssm bench --workloads W3 --dtypes float64 --repeats 5
     refssm golden --out fixtures/      # write the golden fixture suite
     refssm compare fixtures/float64/mamba_mamba_ssm_small mine.safetensors
+    refssm plot mamba --out mamba_state.png
 """
 from __future__ import annotations
 
@@ -79,6 +80,25 @@ def _cmd_compare(args) -> int:
     return 0 if rows and all(r.ok for r in rows) else 1
 
 
+def _cmd_plot(args) -> int:
+    from .viz import plot_main
+
+    if args.seq_len < 1:
+        print(f"refssm plot: --seq-len: expected a positive integer, got {args.seq_len}",
+              file=sys.stderr)
+        return 2
+    opts = {"seq_len": args.seq_len, "seed": args.seed}
+    if args.preset:
+        opts["preset"] = args.preset
+    try:
+        plot_main(args.arch, args.out, **opts)
+    except ValueError as exc:
+        print(f"refssm plot: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refssm",
@@ -140,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fixture", metavar="FIXTURE", help="fixture folder")
     p.add_argument("candidate", metavar="CANDIDATE.safetensors")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "plot", help="draw the state evolution of an architecture to a PNG",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build ARCH with its default initialisation, feed it a demo input (sine, "
+                    "noise, pulses; 'scan' uses a selective-copying input) and draw how its "
+                    "state evolves over time, with delta / gates where the model has them.",
+        epilog="examples:\n  refssm plot mamba --out mamba_state.png\n"
+               "  refssm plot scan --out scan.png --seq-len 128\n"
+               "  refssm plot ss_transformer --out gate.png --preset edifice")
+    p.add_argument("arch", choices=["scan", "mamba", "s5", "gated_ssm", "ss_transformer"])
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default=None, help="the architecture's preset (default: its default)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

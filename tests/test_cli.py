@@ -1,0 +1,76 @@
+"""The ``refssm`` command: verify prints figures within budget; bench returns sane results."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from refssm.bench import bench_scan, format_bench
+from refssm.cli import main
+from refssm.verify.core import Figure
+from refssm.verify.report import format_table
+
+
+def test_verify_main_job_passes_and_writes_json_and_report(tmp_path, capsys):
+    js = tmp_path / "figures.json"
+    md = tmp_path / "report.md"
+    code = main(["verify", "--json", str(js), "--report", str(md)])
+    out = capsys.readouterr().out
+    figures = json.loads(js.read_text())
+    assert code == 0, out
+    assert len(figures) >= 10
+    for f in figures:
+        assert set(f) >= {"arch", "preset", "check", "value", "budget", "ok"}
+        assert f["ok"] and 0 <= f["value"] <= f["budget"], f
+    # every engine is compared to the ground truth, forward and backward
+    checks = {f["check"] for f in figures}
+    for engine in ("numba", "logdepth"):
+        assert f"scan: {engine} vs numpy, forward" in checks
+        assert f"scan: {engine} vs numpy, backward" in checks
+    assert "within budget, 0 over budget" in out
+    assert "| arch |" in md.read_text()
+
+
+def test_table_marks_a_figure_over_budget():
+    figs = [Figure("core", "-", "x", 2e-12, 1e-12, False), Figure("core", "-", "y", 0.0, 1e-12, True)]
+    table = format_table(figs)
+    assert "FAIL" in table and "1 over budget" in table
+
+
+def test_bench_runs_on_tiny_sizes():
+    res = bench_scan(workloads=["tiny"], dtypes=["float64"], repeats=1, with_torch=False,
+                     progress=None, sizes={"tiny": (1, 8, 16, 4)})
+    assert [r.engine for r in res] == ["numpy", "numba", "logdepth"]
+    for r in res:
+        assert r.forward > 0 and r.forward_backward > 0 and np.isfinite(r.forward)
+    table = format_bench(res)
+    assert "x numpy" in table and "1.0x" in table
+
+
+def test_bench_rejects_unknown_workload(capsys):
+    assert main(["bench", "--workloads", "W9"]) == 2
+    assert "unknown workload 'W9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [["--help"], ["verify", "--help"], ["bench", "--help"]])
+def test_help_has_examples(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(cmd)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "refssm" in out
+    if cmd != ["--help"]:
+        assert "examples:" in out
+
+
+@pytest.mark.parametrize("arch", ["scan", "mamba", "s5", "gated_ssm", "ss_transformer"])
+def test_plot_writes_a_png(arch, tmp_path, capsys):
+    out = tmp_path / f"{arch}.png"
+    assert main(["plot", arch, "--out", str(out), "--seq-len", "24"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_plot_rejects_bad_length(tmp_path, capsys):
+    assert main(["plot", "mamba", "--out", str(tmp_path / "x.png"), "--seq-len", "0"]) == 2
+    assert "--seq-len: expected a positive integer, got 0" in capsys.readouterr().err
