@@ -219,3 +219,100 @@ def _num_threads():
         return numba.get_num_threads()
     except Exception:  # pragma: no cover
         return os.cpu_count()
+
+
+# ---------------------------------------------------------------------------
+# Whole models: forward over a window and step per frame
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ModelBenchResult:
+    """One architecture/preset at its recommended defaults (seconds, medians)."""
+
+    arch: str
+    preset: str
+    engine: str
+    forward: float
+    step_per_frame: float | None
+
+
+def bench_models(archs=None, engines=("numpy", "numba"), seq_len=60, embed_dim=287, repeats=5,
+                 progress=sys.stderr):
+    """Time every architecture's forward (batch 1, ``seq_len`` frames) and ``step``.
+
+    Each architecture runs at ``recommended_defaults()`` (dropout off: inference)
+    with its default preset. ``step_per_frame`` is the median over ``repeats``
+    runs of ``seq_len`` consecutive steps, divided by ``seq_len``; steps run
+    through the NumPy code path whatever the engine (a frame is one state
+    update), so it is reported once, on the "numpy" row.
+    """
+    from .verify.models import available_archs
+
+    results = []
+    for arch, mod, presets in available_archs():
+        if archs and arch not in archs:
+            continue
+        preset = presets[0]
+        c = mod.as_config(dict(mod.recommended_defaults(), embed_dim=embed_dim, dropout=0.0,
+                               preset=preset))
+        params = mod.build(c, seed=0).params
+        x = np.random.default_rng(0).standard_normal((1, seq_len, embed_dim))
+        for engine in engines:
+            if progress:
+                print(f"  {arch} {preset} {engine} ...", file=progress, flush=True)
+            try:
+                t_fwd = _median_time(lambda: mod.forward(params, x, c, engine=engine), repeats)
+            except ValueError as exc:        # an architecture without this engine
+                if "engine" in str(exc):
+                    continue
+                raise
+            t_step = None
+            if engine == "numpy" and getattr(c, "scan_mode", "causal") == "causal":
+                def run_steps():
+                    cache = mod.init_cache(c, 1)
+                    for t in range(seq_len):
+                        _, cache = mod.step(params, cache, x[:, t], c)
+                t_step = _median_time(run_steps, repeats) / seq_len
+            results.append(ModelBenchResult(arch, preset, engine, t_fwd, t_step))
+    return results
+
+
+def format_model_bench(results) -> str:
+    """Table: forward per window, ratio NumPy/engine, step per frame."""
+    rows = [("arch", "preset", "engine", "forward (60 frames)", "x numpy", "step per frame")]
+    ref = {(r.arch, r.preset): r for r in results if r.engine == "numpy"}
+    for r in results:
+        base = ref.get((r.arch, r.preset))
+        ratio = f"{base.forward / r.forward:.1f}x" if base else "-"
+        step = f"{r.step_per_frame * 1e6:.0f} us" if r.step_per_frame is not None else "-"
+        rows.append((r.arch, r.preset, r.engine, _fmt_time(r.forward), ratio, step))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def bench_s5_engines(seq_lens=(60, 4096, 65536), repeats=5, progress=sys.stderr) -> str:
+    """S5's engines at H 256, P 64 (forward), and where the FFT beats the scans."""
+    from .scan.s5_engines import bench_s5
+
+    rows = bench_s5(256, 64, seq_lens=seq_lens, repeats=repeats, verbose=False)
+    engines = sorted({r["engine"] for r in rows}, key=lambda e: [r["engine"] for r in rows].index(e))
+    lines = ["engine     " + "  ".join(f"L={L:<8d}" for L in seq_lens)]
+    by = {(r["engine"], r["seq_len"]): r for r in rows}
+    for e in engines:
+        cells = []
+        for L in seq_lens:
+            m = by[(e, L)].get("median_s")
+            cells.append(f"{_fmt_time(m):<10s}" if m is not None else "skipped   ")
+        lines.append(f"{e:<10s} " + "  ".join(cells))
+    for L in seq_lens:
+        fft = by.get(("fft", L), {}).get("median_s")
+        scans = [by[(e, L)]["median_s"] for e in ("numba", "logdepth")
+                 if by.get((e, L), {}).get("median_s") is not None]
+        if fft is not None and scans:
+            best = min(scans)
+            verdict = "FFT beats the scans" if fft < best else "the scans beat the FFT"
+            lines.append(f"L={L}: fft {_fmt_time(fft)} vs best Numba scan {_fmt_time(best)}: "
+                         f"{verdict} ({best / fft:.2f}x)")
+    return "\n".join(lines)

@@ -36,17 +36,33 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import WORKLOADS, bench_scan, format_bench
+    from .bench import (WORKLOADS, bench_models, bench_s5_engines, bench_scan, format_bench,
+                        format_model_bench)
 
+    what = args.what.split(",")
+    unknown = sorted(set(what) - {"scan", "models", "s5"})
+    if unknown:
+        print(f"refssm bench: unknown --what {unknown}; expected scan, models, s5",
+              file=sys.stderr)
+        return 2
     workloads = args.workloads.split(",")
     for w in workloads:
         if w not in WORKLOADS:
             print(f"refssm bench: unknown workload {w!r}; expected one of {sorted(WORKLOADS)}",
                   file=sys.stderr)
             return 2
-    results = bench_scan(workloads=workloads, dtypes=args.dtypes.split(","),
-                         repeats=args.repeats, with_torch=not args.no_torch, progress=sys.stderr)
-    print(format_bench(results))
+    if "scan" in what:
+        results = bench_scan(workloads=workloads, dtypes=args.dtypes.split(","),
+                             repeats=args.repeats, with_torch=not args.no_torch,
+                             progress=sys.stderr)
+        print("Selective scan engines\n")
+        print(format_bench(results))
+    if "models" in what:
+        print("\nWhole models at recommended defaults (batch 1, embed 287)\n")
+        print(format_model_bench(bench_models(repeats=args.repeats, progress=sys.stderr)))
+    if "s5" in what:
+        print("\nS5 engines, forward, H 256, P 64, batch 1\n")
+        print(bench_s5_engines(repeats=args.repeats, progress=sys.stderr))
     return 0
 
 
@@ -128,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "transcription when torch is installed), with ratios against NumPy and the "
                     "peak extra memory. W1=(1,1536,2048,16) W2=(8,512,1024,16) W3=(1,256,60,16) "
                     "W4=(1,256,65536,16) as (batch, channels, seq_len, state).",
-        epilog="examples:\n  refssm bench\n  refssm bench --workloads W1,W3 --dtypes float64")
+        epilog="examples:\n  refssm bench\n  refssm bench --what scan --workloads W1,W3 --dtypes float64"
+               "\n  refssm bench --what models,s5")
+    p.add_argument("--what", default="scan,models,s5",
+                   help="comma-separated: scan (the selective-scan engines), models (forward and "
+                        "step of the four architectures), s5 (S5's engines and the FFT)")
     p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated (default: all)")
     p.add_argument("--dtypes", default="float64,float32", help="comma-separated")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (default 5)")

@@ -74,3 +74,18 @@ def test_plot_writes_a_png(arch, tmp_path, capsys):
 def test_plot_rejects_bad_length(tmp_path, capsys):
     assert main(["plot", "mamba", "--out", str(tmp_path / "x.png"), "--seq-len", "0"]) == 2
     assert "--seq-len: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_model_bench_reports_every_architecture():
+    from refssm.bench import bench_models, format_model_bench
+
+    res = bench_models(engines=("numpy",), seq_len=4, repeats=1, progress=None)
+    assert {r.arch for r in res} == {"mamba", "gated_ssm", "s5", "ss_transformer"}
+    for r in res:
+        assert r.forward > 0 and (r.step_per_frame is None or r.step_per_frame > 0)
+    assert "step per frame" in format_model_bench(res)
+
+
+def test_bench_rejects_unknown_what(capsys):
+    assert main(["bench", "--what", "gpu"]) == 2
+    assert "unknown --what ['gpu']" in capsys.readouterr().err
