@@ -1,4 +1,4 @@
-"""The log-depth engine: the selective scan as a Blelloch parallel prefix scan.
+r"""The log-depth engine: the selective scan as a Blelloch parallel prefix scan.
 
 Same core, signatures and return conventions as :mod:`refssm.scan.numpy_seq`
 (read its docstrings for the math and the ``[bB, LB, G, N]`` layout of B/C);
@@ -11,67 +11,84 @@ The recurrence ``h[t] = a[t] * h[t-1] + b[t]`` with ``a = exp(dt * A)`` and
 
 ("first apply step 1, then step 2"). It is evaluated with the work-efficient
 up-sweep / down-sweep of Blelloch (1990, "Prefix sums and their
-applications", CMU-CS-90-190, section 1.3): ``2 (L - 1)`` combines and
-``2 log2 L`` levels; Martin & Cundy (2018, "Parallelizing linear recurrent
-neural nets over sequence length", ICLR) use the same operator for linear
-recurrences. The tree over time for ``L = 8`` (``[i:j]`` = ``x_i o ... o x_j``;
-each buffer has one extra row, ``L_pad``, that receives the total)::
+applications", CMU-CS-90-190, section 1.3): ``2 (L_pad - 1)`` combines in
+``2 log2 L_pad`` levels. Martin & Cundy (2018, "Parallelizing linear
+recurrent neural nets over sequence length", ICLR) scan linear recurrences
+with the same operator. The tree for ``L = 8`` (``[i:j]`` is
+``x_i o ... o x_j``; every buffer has one extra row, ``L_pad``, for the total)::
 
-    up-sweep (reduce)
-        x0   x1   x2   x3   x4   x5   x6   x7
-         \\    |    \\    |    \\    |    \\    |
-          [0:1]     [2:3]     [4:5]     [6:7]        d = 1
-              \\         |         \\         |
-               `------[0:3]        `------[4:7]       d = 2
-                          \\                  |
-                           `--------------[0:7]       d = 4
+    x0   x1   x2   x3   x4   x5   x6   x7
+     \___/     \___/     \___/     \___/          d = 1
+     [0:1]     [2:3]     [4:5]     [6:7]
+         \_________/         \_________/          d = 2
+            [0:3]               [4:7]
+                \___________________/             d = 4
+                        [0:7]
 
-    down-sweep (distribute): clear the root, then at each level the left
-    child takes the parent's prefix and the right child gets prefix o left
+    up-sweep (reduce): at level d, row i = 2d k + 2d - 1 := row (i - d) o row i
 
         row:        0     1     2     3     4     5     6     7  |  8
-        after up:   x0  [0:1]   x2  [0:3]   x4  [4:5]   x6  [0:7] |
+        input:      x0    x1    x2    x3    x4    x5    x6    x7  |
+        d = 1:      x0  [0:1]   x2  [2:3]   x4  [4:5]   x6  [6:7] |
+        d = 2:      x0  [0:1]   x2  [0:3]   x4  [4:5]   x6  [4:7] |
+        d = 4:      x0  [0:1]   x2  [0:3]   x4  [4:5]   x6  [0:7] |
+
+    down-sweep (distribute): move the total to row 8 and clear the root to I;
+    at level d the left child (row i - d) takes the parent's prefix (row i)
+    and row i becomes prefix o left-subtree total
+
         clear root: x0  [0:1]   x2  [0:3]   x4  [4:5]   x6    I   | [0:7]
         d = 4:      x0  [0:1]   x2    I     x4  [4:5]   x6  [0:3] |
         d = 2:      x0    I     x2  [0:1]   x4  [0:3]   x6  [0:5] |
         d = 1:      I     x0  [0:1] [0:2] [0:3] [0:4] [0:5] [0:6] | [0:7]
 
 Row ``t`` then holds the exclusive prefix ``[0:t-1]``, i.e. ``h[t-1]``, and
-row ``t + 1`` holds ``h[t]`` (row ``L_pad`` = the total). Any ``seq_len`` is
+row ``t + 1`` holds ``h[t]`` (row ``L_pad``: the total). Any ``seq_len`` is
 handled by padding to ``L_pad`` = the next power of two with ``I`` in the
 local buffer. The initial state is folded into the first element,
 ``b[0] += a[0] * h0``, so ``[0:t]`` *is* ``h[t]``.
 
 Only the ``b`` half of the down-sweep is computed: the right child's new
 ``b`` is ``a_left_total * b_prefix + b_left_total``, which reads the ``a``
-of a left subtree total (left untouched by the down-sweep) but never the
-``a`` of a prefix, so the prefix ``a`` products are dead values.
+of a left-subtree total (the down-sweep leaves ``xa`` as the up-sweep made
+it) but never the ``a`` of a prefix: those products would be dead values.
 
 Backward: the adjoint ``g[t] = dL/dh[t]`` obeys
 ``g[t] = a[t+1] g[t+1] + C[t] dy[t]`` with ``g[L-1] = C[L-1] dy[L-1] + dh_last``,
-the same linear recurrence in reversed time; it runs through the same scan on
-the reversed, one-shifted coefficients. The forward states are recomputed
-inside the backward (one more scan) instead of being stored.
+the same linear recurrence in reversed time ``s = L-1-t``: element ``s`` is
+``(a[t+1], C[t] dy[t])`` (``dh_last`` folded into element 0), run through the
+same scan. The forward states are recomputed inside the backward (one more
+scan per work item) instead of being stored; then the local formulas of
+:func:`refssm.scan.numpy_seq.scan_core_backward` give every gradient.
 
-Parallelism and memory: ``prange`` over a few *partitions* of the flattened
-``batch x channels`` work items (so batch 1 still uses every thread). Each
-partition owns ``[L_pad + 1, state]`` scratch buffers (two in the forward,
-four in the backward) and, in the backward, private accumulators for the
-``A``, ``B4`` and ``C4`` gradients (sums over channels and batch), added up
-after the parallel loop: race-free, with extra memory ``partitions x (|A| +
-|B4| + |C4|)``. Nothing of size ``batch x seq_len x channels x state`` is
-ever allocated. No ``fastmath``: results are IEEE float32/float64, and the
-kernels compute in the dtype of their inputs (scalar accumulators of the
-per-step sums over ``state`` are float64).
+Parallelism and memory: ``prange`` over ``numba.get_num_threads()``
+*partitions* of the flattened ``batch x channels`` work items (so batch 1
+still uses every thread). Each partition owns ``[L_pad + 1, state]`` scratch
+buffers (two in the forward, four in the backward) and, in the backward,
+private float64 accumulators for the ``A``, ``B4`` and ``C4`` gradients (sums
+over channels, batch and, when constant, time), added up after the parallel
+loop: race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. Nothing
+of size ``batch x seq_len x channels x state`` is ever allocated.
+
+Precision: no ``fastmath``; the scan runs in the dtype of the inputs
+(float32 or float64); per-step sums over ``state`` and the gradient
+accumulators are float64. ``a`` comes from :func:`refssm.scan._fastexp.fexp`
+(branch-free, so the fill loop vectorises; <= 1 ulp from ``np.exp``, and
+unbiased near 1: measured mean error +0.0005 ulp for ``x`` in
+``[-1e-5, -1e-7]``). NumPy's SIMD float64 ``np.exp``, used by the NumPy
+engine, is biased there (measured: 10 % of results 1 ulp low, mean -0.1 ulp),
+which over ~1e5 steps with ``a ~ 1 - 1e-6`` moves the NumPy engine itself by
+~1e-12 (see ``tests/test_logdepth.py::test_long_sequence_with_abar_near_one``).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+from ._fastexp import fexp
 
 __all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "linear_scan",
            "padded_length"]
@@ -113,7 +130,7 @@ def padded_length(L):
     return p
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _combine(a1, b1, a2, b2):
     """``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``: step 1 then step 2."""
     return a1 * a2, a2 * b1 + b2
@@ -202,10 +219,16 @@ def linear_scan(a, b):
     Lp = padded_length(L)
     xa = np.empty((Lp + 1, N), dtype=a.dtype)
     xb = np.empty((Lp + 1, N), dtype=a.dtype)
-    xa[:L] = a
-    xb[:L] = b
+    h = np.empty((L, N), dtype=a.dtype)
+    for t in range(L):
+        for n in range(N):
+            xa[t, n] = a[t, n]
+            xb[t, n] = b[t, n]
     _scan(xa, xb, L)
-    return xb[1:L + 1].copy()
+    for t in range(L):
+        for n in range(N):
+            h[t, n] = xb[t + 1, n]
+    return h
 
 
 # --------------------------------------------------------------------------
@@ -226,7 +249,7 @@ def _fill_forward(xa, xb, u, dt, dtB, A, B4, h0, b, c, gsB):
         dtBv = dtB[b, t, c]
         uv = u[b, t, c]
         for n in range(N):
-            xa[t, n] = math.exp(dtv * A[c, n])
+            xa[t, n] = fexp(dtv * A[c, n])
             xb[t, n] = dtBv * B4[bB, tB, grp, n] * uv
     for n in range(N):
         xb[0, n] += xa[0, n] * h0[b, c, n]
@@ -239,6 +262,12 @@ def _partitions(work):
 
 @njit(parallel=True, cache=True)
 def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
+    """Fill ``y`` ``[batch, L, channels]`` and ``h_last`` ``[batch, channels, N]``.
+
+    Partition ``p`` of ``P`` takes work items ``w = b * channels + c`` in
+    ``[p W / P, (p+1) W / P)``; per item: discretise (:func:`_fill_forward`),
+    scan (:func:`_scan`), read out ``y[t] = C[t] . h[t]`` with ``h[t] = xb[t+1]``.
+    """
     batch, L, channels = u.shape
     N = A.shape[1]
     Lp = padded_length(L)
@@ -269,6 +298,14 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
 @njit(parallel=True, cache=True)
 def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                      du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P):
+    """Fill ``du, ddt, ddtB`` ``[batch, L, channels]``, ``dh0`` ``[batch, channels, N]``
+    and partition ``p``'s slices of the accumulators ``dA_p`` ``[P, channels, N]``,
+    ``dB_p`` ``[P, *B4.shape]``, ``dC_p`` ``[P, *C4.shape]`` (float64, zeroed).
+
+    Per work item, with four ``[Lp + 1, N]`` buffers: (1) forward scan again,
+    ``H[t] = h[t-1]`` (``H[0] = h0``), ``abar[t] = a[t]``; (2) adjoint scan in
+    reversed time, ``G[L - t] = g[t]``; (3) the local gradient formulas.
+    """
     batch, L, channels = u.shape
     N = A.shape[1]
     Lp = padded_length(L)
@@ -279,7 +316,7 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     W = batch * channels
     for p in prange(P):
         abar = np.empty((Lp + 1, N), dtype=u.dtype)   # a[t] (kept: the scan overwrites xa)
-        H = np.empty((Lp + 1, N), dtype=u.dtype)      # H[t] = h[t-1] (t >= 1), H[t+1] = h[t]
+        H = np.empty((Lp + 1, N), dtype=u.dtype)      # H[t] = h[t-1], H[t+1] = h[t]
         xa = np.empty((Lp + 1, N), dtype=u.dtype)     # scan scratch (a half)
         G = np.empty((Lp + 1, N), dtype=u.dtype)      # G[L - t] = g[t] = dL/dh[t]
         dA = dA_p[p]
@@ -298,17 +335,22 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 for n in range(N):
                     abar[t, n] = xa[t, n]
             _scan(xa, H, L)
+            for n in range(N):
+                H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
             # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
-            #    with dh_last folded into element 0 (its a is never used: set to 1)
-            for s in range(L):
+            #    with dh_last folded into element 0 (whose a is never used: set to 1)
+            tC = L - 1 if varC else 0
+            dyv = dy[b, L - 1, c]
+            for n in range(N):
+                xa[0, n] = 1.0
+                G[0, n] = C4[bC, tC, grpC, n] * dyv + dh_last[b, c, n]
+            for s in range(1, L):
                 t = L - 1 - s
                 tC = t if varC else 0
                 dyv = dy[b, t, c]
                 for n in range(N):
-                    xa[s, n] = abar[t + 1, n] if s > 0 else 1.0
+                    xa[s, n] = abar[t + 1, n]
                     G[s, n] = C4[bC, tC, grpC, n] * dyv
-            for n in range(N):
-                G[0, n] += dh_last[b, c, n]
             _scan(xa, G, L)
             # 3. the local gradient formulas (numpy_seq.scan_core_backward)
             for t in range(L):
@@ -323,9 +365,8 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 s_u = 0.0
                 for n in range(N):
                     g = G[L - t, n]
-                    hp = H[t, n] if t > 0 else h0[b, c, n]
                     Bv = B4[bB, tB, grpB, n]
-                    d_dtA = g * hp * abar[t, n]                 # dL/d(dt A)
+                    d_dtA = g * H[t, n] * abar[t, n]            # dL/d(dt A)
                     s_dt += d_dtA * A[c, n]
                     dA[c, n] += d_dtA * dtv
                     s_dtB += g * Bv * uv
@@ -343,8 +384,27 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
 # Public core API (same as numpy_seq)
 # --------------------------------------------------------------------------
 
-def _c(x):
-    return np.ascontiguousarray(x)
+def _check_layout(u, dt, dtB, A, B4, C4, h0):
+    """Raise ``ValueError`` on shapes the kernels would index out of bounds.
+
+    The public API has validated already; this guards direct calls of the core
+    (Numba does not bounds-check).
+    """
+    if u.ndim != 3 or dt.shape != u.shape or dtB.shape != u.shape:
+        raise ValueError(f"u, dt, dtB: expected one shape [batch, seq_len, channels], got "
+                         f"{u.shape}, {dt.shape}, {dtB.shape}")
+    batch, seq_len, channels = u.shape
+    if min(u.shape) < 1 or A.ndim != 2 or A.shape[0] != channels or A.shape[1] < 1:
+        raise ValueError(f"A: expected [channels={channels}, state >= 1] with a non-empty u, "
+                         f"got A {A.shape}, u {u.shape}")
+    state = A.shape[1]
+    for name, M in (("B4", B4), ("C4", C4)):
+        if (M.ndim != 4 or M.shape[0] not in (1, batch) or M.shape[1] not in (1, seq_len)
+                or M.shape[2] < 1 or channels % M.shape[2] != 0 or M.shape[3] != state):
+            raise ValueError(f"{name}: expected [1 or {batch}, 1 or {seq_len}, G dividing "
+                             f"{channels}, {state}], got {M.shape}")
+    if h0.shape != (batch, channels, state):
+        raise ValueError(f"h0: expected {(batch, channels, state)}, got {h0.shape}")
 
 
 def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
@@ -371,7 +431,10 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     >>> np.round(y[0, :, 0], 4)
     array([0.5   , 0.8033, 0.9872])
     """
-    u, dt, dtB, A, B4, C4, h0 = (_c(x) for x in (u, dt, dtB, A, B4, C4, h0))
+    u = np.ascontiguousarray(u)
+    dt, dtB, A, B4, C4, h0 = (np.ascontiguousarray(x, dtype=u.dtype)
+                              for x in (dt, dtB, A, B4, C4, h0))
+    _check_layout(u, dt, dtB, A, B4, C4, h0)
     batch, _, channels = u.shape
     y = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
@@ -404,16 +467,22 @@ def scan_core_backward(dy, dh_last, saved: LogDepthSaved):
     if dh_last is None:
         dh_last = np.zeros_like(h0)
     dh_last = np.ascontiguousarray(dh_last, dtype=dtype)
+    if dy.shape != u.shape or dh_last.shape != h0.shape:
+        raise ValueError(f"dy, dh_last: expected {u.shape} and {h0.shape}, got {dy.shape} "
+                         f"and {dh_last.shape}")
     batch, _, channels = u.shape
     P = _partitions(batch * channels)
     du = np.empty_like(u)
     ddt = np.empty_like(u)
     ddtB = np.empty_like(u)
     dh0 = np.empty_like(h0)
-    dA_p = np.zeros((P,) + A.shape, dtype=dtype)
-    dB_p = np.zeros((P,) + B4.shape, dtype=dtype)
-    dC_p = np.zeros((P,) + C4.shape, dtype=dtype)
+    # private per-partition accumulators, float64 even for float32 inputs (these
+    # are sums of up to batch * seq_len * channels terms)
+    dA_p = np.zeros((P,) + A.shape)
+    dB_p = np.zeros((P,) + B4.shape)
+    dC_p = np.zeros((P,) + C4.shape)
     _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                      du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P)
-    return {"u": du, "dt": ddt, "dtB": ddtB, "A": dA_p.sum(axis=0),
-            "B4": dB_p.sum(axis=0), "C4": dC_p.sum(axis=0), "h0": dh0}
+    return {"u": du, "dt": ddt, "dtB": ddtB, "A": dA_p.sum(axis=0).astype(dtype),
+            "B4": dB_p.sum(axis=0).astype(dtype), "C4": dC_p.sum(axis=0).astype(dtype),
+            "h0": dh0}

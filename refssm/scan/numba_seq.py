@@ -1,0 +1,746 @@
+"""The Numba fused sequential engine: the selective scan without big intermediates.
+
+Same core and same signatures as :mod:`refssm.scan.numpy_seq` (read its module
+and function docstrings for the math and the ``[bB, LB, G, N]`` layout of
+``B``/``C``)::
+
+    A_bar[t, n] = exp(dt[t] * A[n])
+    h[t, n]     = A_bar[t, n] * h[t-1, n] + (dtB[t] * u[t]) * B[t, g(c), n]
+    y[t]        = sum_n C[t, g(c), n] * h[t, n]
+
+What differs is *how*:
+
+* **Fused.** One ``prange`` item per batch row and block of up to 16
+  consecutive channels (flattened, so batch 1 still uses every thread). Each
+  channel walks time with its state ``h[N]`` in a small local array;
+  ``A_bar = fexp(dt * A)`` and ``(dtB * u) * B`` are computed on the fly. No
+  array of size ``batch * seq_len * channels * state`` is ever allocated.
+* **Memory access.** ``[batch, L, channels]`` rows of one channel block lie
+  ``channels`` elements apart, a new page almost every step, which the
+  hardware prefetchers do not follow. So time goes in chunks of ``CHUNK``
+  (64) steps: the chunk's ``dt``, ``dtB``, ``u`` (and ``dy``) of the block are
+  copied into small local buffers in one burst (software-prefetched one chunk
+  ahead), the channels run from there, and the outputs go back the same way.
+* **Vector loops over the state.** Each time step of one channel is one call
+  of an intrinsic that emits the loop over ``n`` as LLVM vector IR
+  (``_forward_step``, ``_recompute_step``, ``_adjoint_step``): blocks of 8
+  (float64) or 16 (float32) lanes, then a scalar tail. LLVM would not
+  vectorise these loops itself at ``N = 16`` (run-time alias checks push its
+  minimum trip count above 16; sums need ``fastmath``). ``A_bar`` is the
+  vector form of :func:`refssm.scan._fastexp.fexp` (<= 1 ulp, branch-free,
+  the same IR as the scalar form). Sums over ``n`` (``y``; ``d dt``,
+  ``d dtB``, ``d u``) have one fixed order (``_vector_loop_codegen``): results
+  do not depend on the thread count, ``fastmath`` (never used) or the CPU.
+* **Checkpointed backward.** The forward stores the state entering every
+  chunk. The backward walks each channel's chunks in reverse: it recomputes
+  the chunk's ``A_bar`` and states from the checkpoint into local
+  ``[CHUNK, N]`` buffers, then runs the adjoint recurrence of
+  :func:`refssm.scan.numpy_seq.scan_core_backward` backwards through them,
+  accumulating every gradient term of the step in the same pass.
+* **Race-free reductions.** ``dB``/``dC`` sum over the channels of a group
+  (and over the batch when ``bB == 1``), ``dA`` over the batch. The backward's
+  ``prange`` runs over ``N_PARTS`` (32) fixed partitions of consecutive items,
+  each processed sequentially. A partition writes straight into ``dB``/``dC``
+  the rows of every group it is the first to touch, and into private rows
+  those it shares with an earlier partition; these are added in partition
+  order after the kernel. ``dA`` is kept per batch row and summed after. The
+  partitions depend on the shapes only, not on the number of threads, so the
+  results are bit-for-bit reproducible.
+
+Memory (``P = N_PARTS``, ``nc = ceil(seq_len / CHUNK)``): the forward
+allocates ``y`` and ``h_last`` (its outputs) and the checkpoints
+``[batch, nc, channels, N]`` (``N / CHUNK`` = a quarter of ``u``'s size at
+``N = 16``). The backward allocates its outputs, ``dA`` per batch row
+``[batch, channels, N]``, per partition ``O(CHUNK * (N + 16))`` scratch, and
+the shared rows of ``dB``/``dC``: at most ``(P - 1) * LB * N`` values each for
+variable/grouped ``B``/``C``, ``(P - 1) * G * N`` for constant ones.
+
+Accuracy (float64, against the NumPy engine; ``tests/test_numba_seq.py``):
+normwise <= 1e-12 on everything; differences come only from ``fexp`` (<= 1 ulp
+vs ``np.exp``) and the order of roundings.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._fastexp import build_fexp, ir_fingerprint
+
+#: :func:`refssm.scan._fastexp.ir_fingerprint` of the ``fexp`` compiled into the
+#: cached kernels below. Numba keys its cache on this file's content only, so a
+#: change of ``fexp`` must come with a change here (which makes Numba recompile).
+_FEXP_FINGERPRINT = "ba363bdf1ea64f1a6a33ef764f4e6423b82a942f4ead18e3218a9b9a9df4c2f0"
+if ir_fingerprint() != _FEXP_FINGERPRINT:  # pragma: no cover - a developer's reminder
+    raise ImportError(
+        "refssm.scan._fastexp changed (ir_fingerprint() = "
+        f"{ir_fingerprint()!r}): set _FEXP_FINGERPRINT in refssm/scan/numba_seq.py to it, "
+        "so that Numba recompiles the cached kernels that inline fexp")
+
+__all__ = ["NumbaSaved", "scan_core_forward", "scan_core_backward", "CHUNK", "N_PARTS"]
+
+#: Time steps between two saved states (the backward recomputes one chunk at a time).
+CHUNK = 64
+#: Number of parallel partitions of the backward (fixed: results do not depend
+#: on the thread count).
+N_PARTS = 32
+
+
+class NumbaSaved(NamedTuple):
+    """What :func:`scan_core_forward` keeps for :func:`scan_core_backward`.
+
+    The inputs are kept by reference (no copies); the only array computed for
+    the backward is ``checkpoints``.
+
+    Attributes
+    ----------
+    u, dt, dtB : ndarray ``[batch, seq_len, channels]``
+    A : ndarray ``[channels, state]``
+    B4, C4 : ndarray ``[bB, LB, G, state]``
+    checkpoints : ndarray ``[batch, ceil(seq_len / chunk), channels, state]``
+        ``checkpoints[:, j]`` is the state entering chunk ``j``, i.e.
+        ``h[j * chunk - 1]``; ``checkpoints[:, 0]`` is ``h0`` (so ``h0`` is not
+        kept separately).
+    chunk : int
+        Steps per chunk (``CHUNK`` at the time of the forward).
+    """
+
+    u: np.ndarray
+    dt: np.ndarray
+    dtB: np.ndarray
+    A: np.ndarray
+    B4: np.ndarray
+    C4: np.ndarray
+    checkpoints: np.ndarray
+    chunk: int
+
+
+# --------------------------------------------------------------------------
+# small helpers (inlined)
+# --------------------------------------------------------------------------
+@intrinsic
+def _prefetch(typingctx, flat, idx):
+    """Hint the CPU to fetch ``flat[idx]`` into cache (``llvm.prefetch``, read).
+
+    No effect on results. Used one chunk ahead on the ``[batch, L, channels]``
+    arrays, whose rows for a block of channels lie ``channels`` elements apart
+    (a new page every step or so: the hardware prefetchers do not follow).
+    """
+    if not (isinstance(flat, types.Array) and flat.ndim == 1 and isinstance(idx, types.Integer)):
+        raise TypeError("_prefetch: expected a 1-D array and an integer index")
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(flat, idx), codegen
+
+
+@njit(inline="always")
+def _prefetch_rows(flat, start, stride, rows, width, step):
+    """Prefetch ``rows`` rows of ``width`` elements, ``stride`` apart, from ``start``.
+
+    ``step`` is the number of elements per cache line (64 bytes).
+    """
+    for r in range(rows):
+        o = start + r * stride
+        for e in range(0, width, step):
+            _prefetch(flat, o + e)
+        _prefetch(flat, o + width - 1)
+
+
+# --------------------------------------------------------------------------
+# loops over the state dimension, written as LLVM vector IR
+# --------------------------------------------------------------------------
+# LLVM vectorises a loop over ``n < N`` by itself only when it needs few
+# run-time alias checks (else its minimum trip count exceeds N = 16 and the
+# loop stays scalar) and never vectorises a float sum without ``fastmath``.
+# So each per-time-step loop of the kernels is one intrinsic below: blocks of
+# ``W = 512 / bits`` lanes (8 float64, 16 float32) as vectors, then a scalar
+# tail. Sums over ``n`` have one fixed order (see ``_vector_loop_codegen``),
+# whatever the machine, thread count or vector width of the CPU.
+
+def _lanes(dtype) -> int:
+    """Vector lanes of the state loops: 8 for float64, 16 for float32."""
+    return 512 // dtype.bitwidth
+
+
+def _vector_loop_codegen(context, builder, arrays, array_types, offsets, scalars, n_arg,
+                         body, n_sums=0):
+    """IR for a loop over ``i < n`` applying ``body`` to ``arrays[k][offsets[k] + i]``.
+
+    ``body(builder, loaded, scalars)`` receives one value per array (element
+    ``i``, or a vector of ``W`` elements) and per scalar (splat in the vector
+    part) and returns ``(stores, terms)``: ``{array_index: value}`` written
+    back at ``i``, and ``n_sums`` values to be summed over ``i``.
+
+    Summation order (the definition of every sum over the state here): each
+    vector block's terms are added lane-wise into an accumulator that starts
+    at ``-0.0`` (so the first block enters exactly), the accumulator is
+    reduced by halving (``acc[:W/2] + acc[W/2:]``, repeated down to one lane),
+    then the tail ``i >= W * (n // W)`` is added in increasing ``i``.
+    Returns the list of ``n_sums`` scalar sums.
+    """
+    dtype = array_types[0].dtype
+    fty = context.get_value_type(dtype)
+    W = _lanes(dtype)
+    i64 = ir.IntType(64)
+    i32 = ir.IntType(32)
+    n = builder.sext(n_arg, i64) if n_arg.type.width < 64 else n_arg
+    datas = []
+    for a, t, off in zip(arrays, array_types, offsets):
+        d = context.make_array(t)(context, builder, a).data
+        off = builder.sext(off, i64) if off.type.width < 64 else off
+        datas.append(builder.gep(d, [off]))
+    vty = ir.VectorType(fty, W)
+    vdatas = [builder.bitcast(d, vty.as_pointer()) for d in datas]
+    align = dtype.bitwidth // 8
+    splat = ir.Constant(ir.VectorType(i32, W), [0] * W)
+    vscalars = [builder.shuffle_vector(
+        builder.insert_element(ir.Constant(vty, ir.Undefined), sv, ir.Constant(i32, 0)),
+        ir.Constant(vty, ir.Undefined), splat) for sv in scalars]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, [ir.Constant(fty, -0.0)] * W))
+            for _ in range(n_sums)]
+    nb = builder.udiv(n, ir.Constant(i64, W))
+    with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nb, ir.Constant(i64, 1)) as (i, _):
+        ptrs = [builder.gep(vd, [i]) for vd in vdatas]
+        loaded = [builder.load(pt, align=align) for pt in ptrs]
+        stores, terms = body(builder, loaded, vscalars)
+        for k, val in stores.items():
+            builder.store(val, ptrs[k], align=align)
+        for acc, term in zip(accs, terms):
+            builder.store(builder.fadd(builder.load(acc), term), acc)
+    totals = []
+    for acc in accs:
+        r = builder.load(acc)
+        width = W
+        while width > 1:
+            half = width // 2
+            mty = ir.VectorType(i32, half)
+            lo = builder.shuffle_vector(r, r, ir.Constant(mty, list(range(half))))
+            hi = builder.shuffle_vector(r, r, ir.Constant(mty, list(range(half, width))))
+            r = builder.fadd(lo, hi)
+            width = half
+        totals.append(cgutils.alloca_once_value(
+            builder, builder.extract_element(r, ir.Constant(i32, 0))))
+    start = builder.mul(nb, ir.Constant(i64, W))
+    with cgutils.for_range_slice(builder, start, n, ir.Constant(i64, 1)) as (i, _):
+        ptrs = [builder.gep(d, [i]) for d in datas]
+        loaded = [builder.load(pt) for pt in ptrs]
+        stores, terms = body(builder, loaded, list(scalars))
+        for k, val in stores.items():
+            builder.store(val, ptrs[k])
+        for tot, term in zip(totals, terms):
+            builder.store(builder.fadd(builder.load(tot), term), tot)
+    return [builder.load(tot) for tot in totals]
+
+
+def _check_loop_args(name, arrays, scalars, n_len):
+    first = arrays[0]
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                and isinstance(a.dtype, types.Float) and a.dtype == first.dtype):
+            raise TypeError(f"{name}: expected 1-D C-contiguous float arrays of one dtype")
+    for sc in scalars:
+        if sc != first.dtype:
+            raise TypeError(f"{name}: scalars must have the arrays' dtype {first.dtype}, got {sc}")
+    if not isinstance(n_len, types.Integer):
+        raise TypeError(f"{name}: expected an integer length")
+
+
+def _loop_intrinsic(name, n_arrays, n_scalars, body, n_sums):
+    """Make an intrinsic from a ``_vector_loop_codegen`` body.
+
+    Called as ``f(x0, o0, x1, o1, ..., s0, s1, ..., n)``: each operand is a
+    flat 1-D C-contiguous array ``x`` and an element offset ``o`` (the loop
+    reads ``x[o + i]`` for ``i < n``; no bounds check, no view to build: the
+    kernels pass offsets they computed), then the scalars, then ``n``.
+    Returns ``None`` (``n_sums == 0``), the sum (1) or a tuple of sums (> 1).
+    """
+    def typer_impl(typingctx, *args):
+        pairs = args[:2 * n_arrays]
+        arrays, offs = list(pairs[0::2]), list(pairs[1::2])
+        scalars, n_len = list(args[2 * n_arrays:-1]), args[-1]
+        if len(scalars) != n_scalars:
+            raise TypeError(f"{name}: expected {n_arrays} (array, offset) pairs, "
+                            f"{n_scalars} scalars and n")
+        _check_loop_args(name, arrays, scalars, n_len)
+        for o in offs:
+            if not isinstance(o, types.Integer):
+                raise TypeError(f"{name}: offsets must be integers, got {o}")
+        dt = arrays[0].dtype
+        ret = types.void if n_sums == 0 else (dt if n_sums == 1 else types.UniTuple(dt, n_sums))
+
+        def codegen(context, builder, signature, llargs):
+            totals = _vector_loop_codegen(
+                context, builder, list(llargs[0:2 * n_arrays:2]),
+                list(signature.args[0:2 * n_arrays:2]), list(llargs[1:2 * n_arrays:2]),
+                list(llargs[2 * n_arrays:-1]), llargs[-1], body, n_sums)
+            if n_sums == 0:
+                return context.get_dummy_value()
+            if n_sums == 1:
+                return totals[0]
+            return context.make_tuple(builder, signature.return_type, totals)
+
+        return ret(*args), codegen
+
+    # @intrinsic needs explicit parameters (no *args)
+    params = ", ".join(f"a{k}" for k in range(2 * n_arrays + n_scalars + 1))
+    ns = {"typer_impl": typer_impl}
+    exec(f"def typer(typingctx, {params}):\n    return typer_impl(typingctx, {params})\n", ns)
+    typer = ns["typer"]
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+def _forward_step_body(builder, v, s):
+    # arrays: h, A, B, C; scalars: dt, dtB * u.  a = fexp(dt A); h = a h + (dtB u) B; y = sum C h
+    h, A, B, C = v
+    dtv, buv = s
+    a = build_fexp(builder, builder.fmul(dtv, A))
+    hn = builder.fadd(builder.fmul(a, h), builder.fmul(buv, B))
+    return {0: hn}, [builder.fmul(C, hn)]
+
+
+def _recompute_step_body(builder, v, s):
+    # arrays: h_prev, h, a, A, B; scalars: dt, dtB * u
+    hp, _, _, A, B = v
+    dtv, buv = s
+    a = build_fexp(builder, builder.fmul(dtv, A))
+    return {1: builder.fadd(builder.fmul(a, hp), builder.fmul(buv, B)), 2: a}, []
+
+
+def _adjoint_step_body(builder, v, s):
+    # arrays: g, h_prev, a, h, A, B, C, dA, dB_row, dC_row; scalars: dy, dt, dtB * u
+    # g_t = g + C dy (complete dL/dh[t]); dd = g_t h[t-1] A_bar (dL/d(dt A));
+    # dA += dd dt; dB[t] += g_t dtB u; dC[t] += dy h[t]; g = g_t A_bar (to h[t-1]);
+    # sums: d dt = sum dd A, and sum g_t B (times u: d dtB; times dtB: d u)
+    g, hp, a, h, A, B, C, dA, dB, dC = v
+    dyv, dtv, bu = s
+    gt = builder.fadd(g, builder.fmul(C, dyv))
+    dd = builder.fmul(builder.fmul(gt, hp), a)
+    stores = {0: builder.fmul(gt, a),
+              7: builder.fadd(dA, builder.fmul(dd, dtv)),
+              8: builder.fadd(dB, builder.fmul(gt, bu)),
+              9: builder.fadd(dC, builder.fmul(h, dyv))}
+    return stores, [builder.fmul(dd, A), builder.fmul(gt, B)]
+
+
+# (each array argument below is an (array, offset) pair, see _loop_intrinsic)
+#: ``_forward_step(h, A_c, B_t, C_t, dt, dtB_u, N) -> y``: one forward step of one channel.
+_forward_step = _loop_intrinsic("_forward_step", 4, 2, _forward_step_body, 1)
+#: ``_recompute_step(h_prev, h, a, A_c, B_t, dt, dtB_u, N)``: fills ``a = A_bar``, ``h``.
+_recompute_step = _loop_intrinsic("_recompute_step", 5, 2, _recompute_step_body, 0)
+#: ``_adjoint_step(g, h_prev, a, h, A_c, B_t, C_t, dA_c, dB_row, dC_row, dy, dt, dtB_u, N)``
+#: ``-> (d dt, sum_n g_t B)``: one reverse step; updates ``g`` and accumulates
+#: ``dA_c``, ``dB_row``, ``dC_row`` (see ``_adjoint_step_body``).
+_adjoint_step = _loop_intrinsic("_adjoint_step", 10, 3, _adjoint_step_body, 2)
+
+
+# --------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, cblk, y, h_last, ckpt):
+    """Fill ``y [batch, L, ch]``, ``h_last [batch, ch, N]``, ``ckpt [batch, nc, ch, N]``.
+
+    One ``prange`` item = one batch row and a block of ``cblk`` consecutive
+    channels. Time goes chunk by chunk; a chunk's ``dt`` and ``dtB * u`` for the
+    block are first copied into small local ``[cblk, chunk]`` buffers (each
+    cache line of the ``[batch, L, channels]`` inputs is read once for the
+    whole block, as a short burst), then every channel of the block runs its
+    ``chunk`` steps from contiguous memory, and ``y`` goes out the same way.
+    """
+    batch, L, ch = u.shape
+    N = A.shape[1]
+    nc = ckpt.shape[1]
+    bB, LB, GB = B4.shape[0], B4.shape[1], B4.shape[2]
+    bC, LC, GC = C4.shape[0], C4.shape[1], C4.shape[2]
+    cpgB = ch // GB
+    cpgC = ch // GC
+    nblk = (ch + cblk - 1) // cblk
+    for item in prange(batch * nblk):
+        b = item // nblk
+        c0 = (item - b * nblk) * cblk
+        nb = min(cblk, ch - c0)
+        bbB = b if bB > 1 else 0
+        bbC = b if bC > 1 else 0
+        H = np.empty((cblk, N), dtype=u.dtype)
+        dtS = np.empty((cblk, chunk), dtype=u.dtype)
+        buS = np.empty((cblk, chunk), dtype=u.dtype)
+        yS = np.empty((cblk, chunk), dtype=u.dtype)
+        for cc in range(nb):
+            H[cc, :] = h0[b, c0 + cc]
+        Hf = H.reshape(-1)
+        Af = A.reshape(-1)
+        Bf = B4.reshape(-1)
+        Cf = C4.reshape(-1)
+        uf = u.reshape(-1)
+        dtf = dt.reshape(-1)
+        dtBf = dtB.reshape(-1)
+        yf = y.reshape(-1)
+        line = 64 // u.itemsize
+        for j in range(nc):
+            t0 = j * chunk
+            T = min(chunk, L - t0)
+            Tn = min(chunk, L - t0 - chunk) if j + 1 < nc else 0
+            for cc in range(nb):
+                ckpt[b, j, c0 + cc, :] = H[cc]
+            for k in range(T):                      # stage the chunk's inputs
+                for cc in range(nb):
+                    dtS[cc, k] = dt[b, t0 + k, c0 + cc]
+                    buS[cc, k] = dtB[b, t0 + k, c0 + cc] * u[b, t0 + k, c0 + cc]
+            for cc in range(nb):
+                if Tn > 0:                              # 1/nb of the next chunk's rows
+                    r0 = (cc * Tn) // nb
+                    r1 = ((cc + 1) * Tn) // nb
+                    o = (b * L + t0 + chunk + r0) * ch + c0
+                    _prefetch_rows(uf, o, ch, r1 - r0, nb, line)
+                    _prefetch_rows(dtf, o, ch, r1 - r0, nb, line)
+                    _prefetch_rows(dtBf, o, ch, r1 - r0, nb, line)
+                    _prefetch_rows(yf, o, ch, r1 - r0, nb, line)
+                c = c0 + cc
+                gB = c // cpgB
+                gC = c // cpgC
+                for k in range(T):
+                    t = t0 + k
+                    oB = ((bbB * LB + (t if LB > 1 else 0)) * GB + gB) * N     # B4[bbB, t, gB]
+                    oC = ((bbC * LC + (t if LC > 1 else 0)) * GC + gC) * N     # C4[bbC, t, gC]
+                    yS[cc, k] = _forward_step(Hf, cc * N, Af, c * N, Bf, oB, Cf, oC,
+                                              dtS[cc, k], buS[cc, k], N)
+            for k in range(T):                      # write the chunk's outputs
+                for cc in range(nb):
+                    y[b, t0 + k, c0 + cc] = yS[cc, k]
+        for cc in range(nb):
+            h_last[b, c0 + cc, :] = H[cc]
+
+
+def _channel_block(batch, channels):
+    """Channels per ``prange`` item: up to 16, fewer when that leaves < 16 items.
+
+    Does not change any result (each channel is computed the same way in any
+    block), only the memory traffic and the load balance.
+    """
+    cblk = 16
+    while cblk > 1 and batch * (-(-channels // cblk)) < 16:
+        cblk //= 2
+    return cblk
+
+
+def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
+    """Selective scan core, fused (same contract as :func:`refssm.scan.numpy_seq.scan_core_forward`).
+
+    Parameters
+    ----------
+    u, dt, dtB : ndarray ``[batch, seq_len, channels]``
+    A : ndarray ``[channels, state]``
+    B4, C4 : ndarray ``[bB, LB, G, state]``
+    h0 : ndarray ``[batch, channels, state]``
+        All C-contiguous, all float32 or all float64.
+
+    Returns
+    -------
+    y : ndarray ``[batch, seq_len, channels]``
+    h_last : ndarray ``[batch, channels, state]``
+    saved : NumbaSaved
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = np.ones((1, 3, 1)); dt = np.full((1, 3, 1), 0.5)
+    >>> A = -np.ones((1, 1)); B4 = np.ones((1, 1, 1, 1)); C4 = np.ones((1, 1, 1, 1))
+    >>> y, h, _ = scan_core_forward(u, dt, dt, A, B4, C4, np.zeros((1, 1, 1)))
+    >>> np.round(y[0, :, 0], 4)
+    array([0.5   , 0.8033, 0.9872])
+    """
+    u, dt, dtB, A, B4, C4, h0 = (np.ascontiguousarray(x) for x in (u, dt, dtB, A, B4, C4, h0))
+    batch, seq_len, channels = u.shape
+    N = A.shape[1]
+    chunk = CHUNK
+    nc = -(-seq_len // chunk)
+    y = np.empty_like(u)
+    h_last = np.empty_like(h0)
+    ckpt = np.empty((batch, nc, channels, N), dtype=u.dtype)
+    _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, _channel_block(batch, channels),
+                    y, h_last, ckpt)
+    return y, h_last, NumbaSaved(u, dt, dtB, A, B4, C4, ckpt, chunk)
+
+
+# --------------------------------------------------------------------------
+# backward: accumulation plan for dB / dC
+# --------------------------------------------------------------------------
+class _AccPlan(NamedTuple):
+    """Where each ``(batch, channel)`` item adds its ``dB`` (or ``dC``) rows.
+
+    The gradient lives in ``acc[:n_direct]`` viewed as ``[bM, LM, GM, N]``
+    (row ``(bb * LM + t) * GM + g``); shared rows in ``acc[n_direct:]``, slot
+    ``s`` owning rows ``n_direct + s * LM + t``. Item ``i`` adds row
+    ``base[i] + t * stride[i]``.
+    """
+
+    base: np.ndarray       # [items] int64
+    stride: np.ndarray     # [items] int64
+    n_direct: int
+    slot_bb: np.ndarray    # [slots] batch row of each shared slot
+    slot_g: np.ndarray     # [slots] group of each shared slot
+
+
+def _partition_bounds(items: int, parts: int) -> np.ndarray:
+    """``parts + 1`` bounds splitting ``range(items)`` into near-equal runs."""
+    return (np.arange(parts + 1, dtype=np.int64) * items) // parts
+
+
+def _acc_plan(shape4, batch, channels, part_of_unit) -> _AccPlan:
+    """Plan the race-free accumulation of a ``[bM, LM, GM, N]`` gradient.
+
+    ``part_of_unit[b * channels + c]`` is the (non-decreasing) partition that
+    processes batch row ``b``, channel ``c``.
+    """
+    bM, LM, GM, _ = shape4
+    items = batch * channels
+    idx = np.arange(items, dtype=np.int64)
+    b = idx // channels
+    c = idx - b * channels
+    bb = b if bM > 1 else np.zeros_like(b)
+    g = c // (channels // GM)
+    key = bb * GM + g
+    pair = part_of_unit * (bM * GM) + key              # (partition, key)
+    upair = np.unique(pair)                            # sorted by partition, then key
+    ukey = upair % (bM * GM)
+    # the first partition (in order) touching a key writes it directly
+    _, owner_pos = np.unique(ukey, return_index=True)  # first occurrence of each key
+    shared = np.ones(upair.size, dtype=bool)
+    shared[owner_pos] = False
+    slot_of_pair = np.full(upair.size, -1, dtype=np.int64)
+    slot_of_pair[shared] = np.arange(int(shared.sum()), dtype=np.int64)
+    slot = slot_of_pair[np.searchsorted(upair, pair)]
+    n_direct = bM * LM * GM
+    direct_base = bb * LM * GM + g
+    base = np.where(slot < 0, direct_base, n_direct + slot * LM)
+    stride = np.where(slot < 0, GM, 1).astype(np.int64)
+    skey = ukey[shared]
+    return _AccPlan(base.astype(np.int64), stride, n_direct, skey // GM, skey % GM)
+
+
+@njit(cache=True)
+def _reduce_slots(acc, n_direct, slot_bb, slot_g, LM, GM):
+    """Add every shared slot's rows into the gradient rows, in slot order."""
+    N = acc.shape[1]
+    for s in range(slot_bb.shape[0]):
+        src0 = n_direct + s * LM
+        dst0 = slot_bb[s] * LM * GM + slot_g[s]
+        for t in range(LM):
+            for n in range(N):
+                acc[dst0 + t * GM, n] += acc[src0 + t, n]
+
+
+def _finish_acc(acc, plan: _AccPlan, shape4):
+    """Reduce the shared slots; return the gradient ``[bM, LM, GM, N]``."""
+    bM, LM, GM, N = shape4
+    if plan.slot_bb.size:
+        _reduce_slots(acc, plan.n_direct, plan.slot_bb, plan.slot_g, LM, GM)
+    grad = acc[:plan.n_direct]
+    if acc.shape[0] > 2 * plan.n_direct:
+        grad = grad.copy()          # do not keep large scratch alive with a small result
+    return grad.reshape(bM, LM, GM, N)
+
+
+# --------------------------------------------------------------------------
+# backward kernel
+# --------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bounds,
+                     baseB, strideB, accB, baseC, strideC, accC,
+                     du, ddt, ddtB, dA_rows, dh0):
+    """The reverse-time scan; see :func:`scan_core_backward`.
+
+    ``prange`` over partitions ``p``; partition ``p`` processes the items
+    (batch row, block of ``cblk`` channels) ``bounds[p] <= item < bounds[p+1]``
+    one after the other. Per item, chunks are walked in reverse; a chunk's
+    inputs for the block are staged into local ``[cblk, chunk]`` buffers, then
+    for each channel the chunk's ``A_bar`` and states are recomputed from its
+    checkpoint and the adjoint runs backwards through them.
+    """
+    batch, L, ch = u.shape
+    N = A.shape[1]
+    nc = ckpt.shape[1]
+    bB, LB, GB = B4.shape[0], B4.shape[1], B4.shape[2]
+    bC, LC, GC = C4.shape[0], C4.shape[1], C4.shape[2]
+    cpgB = ch // GB
+    cpgC = ch // GC
+    nblk = (ch + cblk - 1) // cblk
+    n_parts = bounds.shape[0] - 1
+    for p in prange(n_parts):
+        dtype = u.dtype
+        hb = np.empty((chunk + 1, N), dtype=dtype)    # states: row k+1 = h[t0 + k]
+        ab = np.empty((chunk, N), dtype=dtype)        # A_bar of the chunk
+        G = np.empty((cblk, N), dtype=dtype)          # adjoint states of the block
+        dAl = np.empty((cblk, N), dtype=dtype)
+        dBl = np.empty((cblk, N), dtype=dtype)        # constant B: local sums
+        dCl = np.empty((cblk, N), dtype=dtype)
+        dtS = np.empty((cblk, chunk), dtype=dtype)
+        dtBS = np.empty((cblk, chunk), dtype=dtype)
+        uS = np.empty((cblk, chunk), dtype=dtype)
+        dyS = np.empty((cblk, chunk), dtype=dtype)
+        duS = np.empty((cblk, chunk), dtype=dtype)
+        ddtS = np.empty((cblk, chunk), dtype=dtype)
+        ddtBS = np.empty((cblk, chunk), dtype=dtype)
+        hbf = hb.reshape(-1)
+        abf = ab.reshape(-1)
+        Gf = G.reshape(-1)
+        dAlf = dAl.reshape(-1)
+        dBlf = dBl.reshape(-1)
+        dClf = dCl.reshape(-1)
+        Af = A.reshape(-1)
+        Bf = B4.reshape(-1)
+        Cf = C4.reshape(-1)
+        accBf = accB.reshape(-1)
+        accCf = accC.reshape(-1)
+        uf = u.reshape(-1)
+        dtf = dt.reshape(-1)
+        dtBf = dtB.reshape(-1)
+        dyf = dy.reshape(-1)
+        line = 64 // u.itemsize
+        for item in range(bounds[p], bounds[p + 1]):
+            b = item // nblk
+            c0 = (item - b * nblk) * cblk
+            nb = min(cblk, ch - c0)
+            bbB = b if bB > 1 else 0
+            bbC = b if bC > 1 else 0
+            for cc in range(nb):
+                G[cc, :] = g_last[b, c0 + cc]
+            dAl[:] = 0
+            dBl[:] = 0
+            dCl[:] = 0
+            for j in range(nc - 1, -1, -1):
+                t0 = j * chunk
+                T = min(chunk, L - t0)
+                Tp = chunk if j > 0 else 0              # rows of chunk j - 1
+                for k in range(T):                      # stage the chunk's inputs
+                    for cc in range(nb):
+                        dtS[cc, k] = dt[b, t0 + k, c0 + cc]
+                        dtBS[cc, k] = dtB[b, t0 + k, c0 + cc]
+                        uS[cc, k] = u[b, t0 + k, c0 + cc]
+                        dyS[cc, k] = dy[b, t0 + k, c0 + cc]
+                for cc in range(nb):
+                    c = c0 + cc
+                    gB = c // cpgB
+                    gC = c // cpgC
+                    rB0 = baseB[b * ch + c]
+                    sB = strideB[b * ch + c]
+                    rC0 = baseC[b * ch + c]
+                    sC = strideC[b * ch + c]
+                    if Tp > 0:                          # prefetch 1/nb of chunk j - 1
+                        r0 = (cc * Tp) // nb
+                        o = (b * L + t0 - chunk + r0) * ch + c0
+                        r = ((cc + 1) * Tp) // nb - r0
+                        _prefetch_rows(dtf, o, ch, r, nb, line)
+                        _prefetch_rows(dtBf, o, ch, r, nb, line)
+                        _prefetch_rows(uf, o, ch, r, nb, line)
+                        _prefetch_rows(dyf, o, ch, r, nb, line)
+                    # --- recompute the chunk's A_bar and states from its checkpoint
+                    hb[0, :] = ckpt[b, j, c]
+                    for k in range(T):
+                        oB = ((bbB * LB + (t0 + k if LB > 1 else 0)) * GB + gB) * N
+                        _recompute_step(hbf, k * N, hbf, (k + 1) * N, abf, k * N, Af, c * N,
+                                        Bf, oB, dtS[cc, k], dtBS[cc, k] * uS[cc, k], N)
+                    # --- adjoint recurrence, backwards through the chunk
+                    for k in range(T - 1, -1, -1):
+                        t = t0 + k
+                        dtBv = dtBS[cc, k]
+                        uv = uS[cc, k]
+                        oB = ((bbB * LB + (t if LB > 1 else 0)) * GB + gB) * N
+                        oC = ((bbC * LC + (t if LC > 1 else 0)) * GC + gC) * N
+                        if LB > 1:                              # dB row of time t
+                            rowB, oRB = accBf, (rB0 + t * sB) * N
+                        else:                                   # constant B: local sum
+                            rowB, oRB = dBlf, cc * N
+                        if LC > 1:
+                            rowC, oRC = accCf, (rC0 + t * sC) * N
+                        else:
+                            rowC, oRC = dClf, cc * N
+                        sdt, sgb = _adjoint_step(Gf, cc * N, hbf, k * N, abf, k * N,
+                                                 hbf, (k + 1) * N, Af, c * N, Bf, oB, Cf, oC,
+                                                 dAlf, cc * N, rowB, oRB, rowC, oRC,
+                                                 dyS[cc, k], dtS[cc, k], dtBv * uv, N)
+                        ddtS[cc, k] = sdt                       # sum g h[t-1] A_bar A
+                        ddtBS[cc, k] = sgb * uv                 # sum g B u
+                        duS[cc, k] = sgb * dtBv                 # sum g dtB B
+                for k in range(T):                      # write the chunk's outputs
+                    for cc in range(nb):
+                        du[b, t0 + k, c0 + cc] = duS[cc, k]
+                        ddt[b, t0 + k, c0 + cc] = ddtS[cc, k]
+                        ddtB[b, t0 + k, c0 + cc] = ddtBS[cc, k]
+            for cc in range(nb):
+                c = c0 + cc
+                dh0[b, c, :] = G[cc]
+                dA_rows[b, c, :] = dAl[cc]
+                if LB == 1:
+                    row = accB[baseB[b * ch + c]]
+                    for n in range(N):
+                        row[n] += dBl[cc, n]
+                if LC == 1:
+                    row = accC[baseC[b * ch + c]]
+                    for n in range(N):
+                        row[n] += dCl[cc, n]
+
+
+def scan_core_backward(dy, dh_last, saved: NumbaSaved):
+    """Backward of :func:`scan_core_forward` (same contract as the NumPy engine's).
+
+    Parameters
+    ----------
+    dy : ndarray ``[batch, seq_len, channels]``
+    dh_last : ndarray ``[batch, channels, state]`` or None
+    saved : NumbaSaved
+
+    Returns
+    -------
+    dict
+        ``u, dt, dtB`` ``[batch, seq_len, channels]``; ``A`` ``[channels, state]``;
+        ``B4, C4`` ``[bB, LB, G, state]``; ``h0`` ``[batch, channels, state]``.
+    """
+    u, dt, dtB, A, B4, C4, ckpt, chunk = saved
+    batch, seq_len, channels = u.shape
+    N = A.shape[1]
+    dtype = u.dtype
+    dy = np.ascontiguousarray(dy, dtype=dtype)
+    if dh_last is None:
+        g_last = np.zeros((batch, channels, N), dtype=dtype)
+    else:
+        g_last = np.ascontiguousarray(dh_last, dtype=dtype)
+    cblk = _channel_block(batch, channels)
+    nblk = -(-channels // cblk)
+    items = batch * nblk
+    bounds = _partition_bounds(items, min(N_PARTS, items))
+    # partition of every (batch, channel) unit, for the dB / dC plans
+    unit_item = (np.arange(batch)[:, None] * nblk
+                 + np.arange(channels)[None, :] // cblk).reshape(-1)
+    part_of_unit = np.searchsorted(bounds, unit_item, side="right") - 1
+    planB = _acc_plan(B4.shape, batch, channels, part_of_unit)
+    planC = _acc_plan(C4.shape, batch, channels, part_of_unit)
+    accB = np.zeros((planB.n_direct + planB.slot_bb.size * B4.shape[1], N), dtype=dtype)
+    accC = np.zeros((planC.n_direct + planC.slot_bb.size * C4.shape[1], N), dtype=dtype)
+    du = np.empty_like(u)
+    ddt = np.empty_like(u)
+    ddtB = np.empty_like(u)
+    dA_rows = np.empty((batch, channels, N), dtype=dtype)
+    dh0 = np.empty((batch, channels, N), dtype=dtype)
+    _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bounds,
+                     planB.base, planB.stride, accB, planC.base, planC.stride, accC,
+                     du, ddt, ddtB, dA_rows, dh0)
+    dA = dA_rows[0] if batch == 1 else dA_rows.sum(axis=0)
+    return {"u": du, "dt": ddt, "dtB": ddtB, "A": dA,
+            "B4": _finish_acc(accB, planB, B4.shape),
+            "C4": _finish_acc(accC, planC, C4.shape), "h0": dh0}
