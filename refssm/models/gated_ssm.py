@@ -99,6 +99,7 @@ __all__ = [
     "forward", "mamba_block_forward", "selective_ssm_forward", "causal_conv1d_forward",
     "init_cache", "step", "mamba_block_step", "selective_ssm_step", "causal_conv1d_step",
     "output_size", "param_count", "param_count_breakdown", "original_param_count",
+    "original_param_count_terms",
     "param_shapes", "random_params", "recommended_defaults", "as_config",
 ]
 
@@ -387,26 +388,64 @@ def param_count(config=None, **opts) -> int:
     return int(sum(param_count_breakdown(as_config(config, **opts)).values()))
 
 
+def original_param_count_terms(config=None, **opts) -> dict:
+    """The original API's *approximate* formula (Edifice ``GatedSSM.param_count/1``), term by term.
+
+    The terms of ``lib/edifice/ssm/gated_ssm.ex``'s formula, each summed over
+    the layers, with ``H = hidden``, ``E = inner``, ``N = state`` and
+    ``R = H div N``::
+
+        input_projection   embed*H   only if embed != H; no bias
+        in_proj            2HE       kernel only
+        conv               4E        "conv (simplified)": 4 taps per channel, a
+                                     literal 4 whatever ``conv_size``; the model
+                                     has a dense E x E ``conv_proj`` instead
+        bc_proj            2EN       kernel only
+        dt_rank            ER        kernel only
+        dt_proj            RE        kernel only
+        out_proj           EH        kernel only
+
+    No bias and no LayerNorm is counted (``refssm.verify.models.compare_count_terms``
+    sets these beside the exact :func:`param_count_breakdown`). Edifice reads
+    ``:embed_dim`` with a fallback of 1991 when none is given; here it is
+    always given. The values sum to :func:`original_param_count`.
+
+    Examples
+    --------
+    >>> t = original_param_count_terms(embed_dim=287)
+    >>> t["conv"], original_param_count_terms(embed_dim=287, conv_size=3)["conv"]
+    (4096, 4096)
+    """
+    c = as_config(config, **opts)
+    H, E, N, L = c.hidden_size, c.inner_size, c.state_size, c.num_layers
+    R = H // N
+    return {
+        "input_projection": c.embed_dim * H if c.embed_dim != H else 0,
+        "in_proj": L * H * 2 * E,
+        "conv": L * E * 4,
+        "bc_proj": L * E * 2 * N,
+        "dt_rank": L * E * R,
+        "dt_proj": L * R * E,
+        "out_proj": L * E * H,
+    }
+
+
 def original_param_count(config=None, **opts) -> int:
     """The original API's *approximate* count (Edifice ``GatedSSM.param_count/1``).
 
     Per layer ``2HE + 4E + 2EN + ER + RE + EH`` with ``R = H div N``, plus
-    ``embed*H`` if ``embed != H``. Against the exact count
-    (:func:`param_count_breakdown`) it leaves out every bias, the LayerNorms,
-    and takes the conv as ``4E`` ("conv (simplified)": a depthwise kernel of 4
-    taps, whatever ``conv_size``), where the model has a dense ``E x E``
-    projection after the window mean (``E^2 + E``).
+    ``embed*H`` if ``embed != H``: the sum of :func:`original_param_count_terms`.
+    Against the exact count (:func:`param_count_breakdown`) it leaves out every
+    bias, the LayerNorms, and takes the conv as ``4E`` ("conv (simplified)": a
+    depthwise kernel of 4 taps, whatever ``conv_size``), where the model has a
+    dense ``E x E`` projection after the window mean (``E^2 + E``).
 
     Examples
     --------
     >>> original_param_count(embed_dim=1991)      # Edifice's default embed_dim
     1365760
     """
-    c = as_config(config, **opts)
-    H, E, N = c.hidden_size, c.inner_size, c.state_size
-    R = H // N
-    per_layer = H * (2 * E) + E * 4 + E * (2 * N) + E * R + R * E + E * H
-    return (c.embed_dim * H if c.embed_dim != H else 0) + per_layer * c.num_layers
+    return int(sum(original_param_count_terms(config, **opts).values()))
 
 
 # ---------------------------------------------------------------------------

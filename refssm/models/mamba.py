@@ -87,6 +87,7 @@ __all__ = [
     "forward", "mamba_block_forward", "selective_ssm_forward",
     "init_cache", "step", "mamba_block_step", "selective_ssm_step",
     "output_size", "param_count", "param_count_breakdown", "original_param_count",
+    "original_param_count_terms",
     "param_shapes", "random_params", "recommended_defaults", "as_config",
     # manual backward (llm.c-style)
     "forward_with_saved", "backward", "MambaSaved", "MambaGrads",
@@ -475,24 +476,63 @@ def param_count(config=None, **opts) -> int:
     return int(sum(param_count_breakdown(as_config(config, **opts)).values()))
 
 
+def original_param_count_terms(config=None, **opts) -> dict:
+    """The original API's *approximate* formula (Edifice ``Common.param_count/1``), term by term.
+
+    The terms of ``lib/edifice/ssm/common.ex``'s formula, each summed over the
+    layers, with ``H = hidden``, ``E = inner``, ``N = state``, ``K = conv`` and
+    ``R' = max(H div 16, 1)`` (Edifice's ``dt_rank``, whatever the preset)::
+
+        input_projection   embed*H         only if embed != H; no bias
+        in_proj            2HE             kernel only
+        conv               KE              depthwise kernel only
+        bc_proj            2EN             kernel only
+        dt_rank            ER'             kernel only
+        dt_proj            R'E             kernel only
+        out_proj           EH              kernel only
+
+    Nothing else: no bias, no norm, no final norm, no ``A_log``, no ``D``
+    (``refssm.verify.models.compare_count_terms`` sets these beside the exact
+    :func:`param_count_breakdown`). Edifice reads ``:embed_dim`` (some versions
+    also accept ``:embed_size``), falling back to 287 only when none is given;
+    here ``embed_dim`` is always given. The values sum to
+    :func:`original_param_count`.
+
+    Examples
+    --------
+    >>> t = original_param_count_terms(embed_dim=287)
+    >>> t["conv"], t["dt_rank"], sum(t.values()) == original_param_count(embed_dim=287)
+    (4096, 16384, True)
+    """
+    c = as_config(config, **opts)
+    H, E, N, K, L = c.hidden_size, c.inner_size, c.state_size, c.conv_size, c.num_layers
+    R = max(H // 16, 1)
+    return {
+        "input_projection": c.embed_dim * H if c.embed_dim != H else 0,
+        "in_proj": L * H * 2 * E,
+        "conv": L * K * E,
+        "bc_proj": L * E * 2 * N,
+        "dt_rank": L * E * R,
+        "dt_proj": L * R * E,
+        "out_proj": L * E * H,
+    }
+
+
 def original_param_count(config=None, **opts) -> int:
     """The original API's *approximate* count (Edifice ``Common.param_count/1``).
 
     Per layer ``2HE + KE + 2EN + 2ER + EH`` with ``R = max(H div 16, 1)``, plus
-    ``embed*H`` if ``embed != H``. It leaves out every bias, the norms, the
-    final norm, ``A_log`` and ``D``, and always uses Edifice's split
-    projections' ``dt_rank``; :func:`param_count_breakdown` has the exact terms.
+    ``embed*H`` if ``embed != H``: the sum of :func:`original_param_count_terms`.
+    It leaves out every bias, the norms, the final norm, ``A_log`` and ``D``,
+    and always uses Edifice's split projections' ``dt_rank``;
+    :func:`param_count_breakdown` has the exact terms.
 
     Examples
     --------
     >>> original_param_count(embed_dim=287)
     929536
     """
-    c = as_config(config, **opts)
-    H, E, N, K = c.hidden_size, c.inner_size, c.state_size, c.conv_size
-    R = max(H // 16, 1)
-    per_layer = H * 2 * E + K * E + E * 2 * N + E * R + R * E + E * H
-    return (c.embed_dim * H if c.embed_dim != H else 0) + per_layer * c.num_layers
+    return int(sum(original_param_count_terms(config, **opts).values()))
 
 
 # ---------------------------------------------------------------------------

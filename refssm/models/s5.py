@@ -87,7 +87,8 @@ __all__ = [
     "build", "build_s5_block", "build_mimo_ssm", "build_ffn", "random_params",
     "forward", "s5_block_forward", "mimo_ssm_forward", "ffn_forward",
     "init_cache", "step", "output_size", "param_count", "param_count_breakdown",
-    "original_param_count", "param_shapes", "recommended_defaults", "as_config",
+    "original_param_count", "original_param_count_terms", "param_shapes",
+    "recommended_defaults", "as_config",
     "EDIFICE_DT",
 ]
 
@@ -587,24 +588,64 @@ def param_count(config=None, **opts) -> int:
     return int(sum(param_count_breakdown(as_config(config, **opts)).values()))
 
 
+def original_param_count_terms(config=None, **opts) -> dict:
+    """The original API's *approximate* formula (Edifice ``S5.param_count/1``), term by term.
+
+    The terms of ``lib/edifice/ssm/s5.ex``'s formula, each summed over the
+    layers, with ``H = hidden``, ``N = state_size`` and a fixed ``4H`` FFN::
+
+        input_projection   embed*H        only if embed != H; no bias
+        encoder            HN             "Encoder: hidden * state": a dense
+                                          H -> N that Edifice's S5 no longer
+                                          builds (nor does this model)
+        bc_proj            2HN            b_proj and c_proj kernels
+        d_proj             H^2            kernel only
+        ffn_gate_up        2H(4H)         SwiGLU gate and up kernels
+        ffn_down           (4H)H          kernel only
+
+    It is Edifice's SSM whatever the preset (the paper's ``s5`` SSM has other
+    parameters), and counts no bias, no LayerNorm and no final norm
+    (``refssm.verify.models.compare_count_terms`` sets these beside the exact
+    :func:`param_count_breakdown`). Edifice reads the input size under the same
+    key its ``build`` takes (``:embed_dim``, or ``:embed_size`` in the versions
+    whose ``build`` takes that), falling back to 287 when none is given; here it
+    is always given. The values sum to :func:`original_param_count`.
+
+    Examples
+    --------
+    >>> t = original_param_count_terms(embed_dim=287)
+    >>> t["encoder"], t["bc_proj"]
+    (65536, 131072)
+    """
+    c = as_config(config, **opts)
+    H, N, L = c.hidden_size, c.state_size, c.num_layers
+    F = 4 * H
+    return {
+        "input_projection": c.embed_dim * H if c.embed_dim != H else 0,
+        "encoder": L * H * N,
+        "bc_proj": L * 2 * H * N,
+        "d_proj": L * H * H,
+        "ffn_gate_up": L * 2 * H * F,
+        "ffn_down": L * F * H,
+    }
+
+
 def original_param_count(config=None, **opts) -> int:
     """The original API's *approximate* count (Edifice ``S5.param_count/1``).
 
     Per layer ``H N`` ("encoder") ``+ 2 H N`` (B, C projections) ``+ H^2``
     (D projection) ``+ 2 H (4H) + 4H H`` (SwiGLU), plus ``embed H`` if
-    ``embed != H``. It counts an encoder that does not exist, leaves out every
-    bias, the LayerNorms and the final norm, and is the Edifice SSM's count,
-    not the paper's (:func:`param_count_breakdown` has the exact terms).
+    ``embed != H``: the sum of :func:`original_param_count_terms`. It counts an
+    encoder that does not exist, leaves out every bias, the LayerNorms and the
+    final norm, and is the Edifice SSM's count, not the paper's
+    (:func:`param_count_breakdown` has the exact terms).
 
     Examples
     --------
     >>> original_param_count(embed_dim=287)
     3677952
     """
-    c = as_config(config, **opts)
-    H, N, F = c.hidden_size, c.state_size, 4 * c.hidden_size
-    per_layer = H * N + 2 * H * N + H * H + 2 * H * F + F * H
-    return (c.embed_dim * H if c.embed_dim != H else 0) + per_layer * c.num_layers
+    return int(sum(original_param_count_terms(config, **opts).values()))
 
 
 # ---------------------------------------------------------------------------

@@ -92,6 +92,7 @@ __all__ = [
     "ffn_forward", "ema_ssm_forward",
     "init_cache", "step", "sst_block_step", "ssm_path_step", "attention_path_step",
     "output_size", "param_count", "param_count_breakdown", "original_param_count",
+    "original_param_count_terms",
     "param_shapes", "random_params", "recommended_defaults", "as_config",
 ]
 
@@ -424,6 +425,22 @@ def param_count(config=None, **opts) -> int:
     True
     """
     return int(sum(param_count_breakdown(as_config(config, **opts)).values()))
+
+
+def original_param_count_terms(config=None, **opts) -> None:
+    """The original API's approximate formula term by term: **none exists**, so None.
+
+    Edifice v0.2's ``Edifice.SSM.SSTransformer`` has no ``param_count/1``
+    (see :func:`original_param_count`); :func:`param_count_breakdown` has the
+    exact terms.
+
+    Examples
+    --------
+    >>> original_param_count_terms(embed_dim=32) is None
+    True
+    """
+    as_config(config, **opts)                      # still validate the options
+    return None
 
 
 def original_param_count(config=None, **opts) -> None:

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 
 from .core import CORE_CHECKS, Figure
 
 __all__ = ["run_checks", "format_table", "format_markdown", "to_json"]
+
+#: Width at which the explanation lines under the table are wrapped.
+EXPLANATION_WIDTH = 110
 
 
 def all_checks():
@@ -56,8 +60,28 @@ def format_table(figures: list[Figure]) -> str:
         lines.append("")
         lines.append("The original API's approximate param_count formulas, against the exact count:")
         for f in explained:
-            lines.append(f"  {f.arch}/{f.preset}: {f.detail}")
+            lines += _explanation_lines(f"{f.arch}/{f.preset}: ", f.detail)
     return "\n".join(lines)
+
+
+def _explanation_lines(head: str, detail: str, width: int = EXPLANATION_WIDTH) -> list[str]:
+    """A figure's (possibly multi-line) detail under the table.
+
+    The first line follows ``head`` (indented 2); each further line is indented
+    4 and wrapped at ``width`` with continuation lines indented 6.
+
+    Examples
+    --------
+    >>> print("\\n".join(_explanation_lines("a/b: ", "exact 3 vs 2\\nleaves out +1: x", 40)))
+      a/b: exact 3 vs 2
+        leaves out +1: x
+    """
+    first, *rest = detail.split("\n") if detail else [""]
+    out = [f"  {head}{first}"]
+    for line in rest:
+        out += textwrap.wrap(line, width, initial_indent="    ", subsequent_indent="      ",
+                             break_on_hyphens=False) or [""]
+    return out
 
 
 def format_markdown(figures: list[Figure]) -> str:
@@ -67,7 +91,7 @@ def format_markdown(figures: list[Figure]) -> str:
            "|---|---|---|---:|---:|---|---|"]
     for f in figures:
         out.append(f"| {f.arch} | {f.preset} | {f.check} | {f.value:.2e} | {f.budget:.0e} | "
-                   f"{'ok' if f.ok else '**FAIL**'} | {f.detail} |")
+                   f"{'ok' if f.ok else '**FAIL**'} | {f.detail.replace(chr(10), '<br>')} |")
     return "\n".join(out) + "\n"
 
 
