@@ -15,7 +15,7 @@ def test_readme_python_blocks_run():
 def test_readme_set_up_commands_match_ci():
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    for cmd in ("pip install . && refssm verify",
+    for cmd in ("pip install -e . && refssm verify",
                 'pip install torch==2.13.0 && pip install -e ".[test,peers]" && python -m pytest'):
         assert cmd in text, cmd
         assert cmd in ci, cmd
