@@ -231,3 +231,39 @@ def test_cli_golden_and_compare(suite_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "grad/input/A" in out and "FAIL" in out and "missing" in out
     assert main(["compare", str(tmp_path), str(tmp_path / "bad.safetensors")]) == 2
+
+
+def test_check_callable_points_the_oracle_at_a_python_implementation(suite_dir):
+    """A candidate given as a callable: refssm's own Mamba passes, a perturbed one fails."""
+    from refssm.golden import check_callable
+
+    def candidate(eps):
+        def fn(inputs, params, manifest):
+            cfg = mamba.as_config({k: v for k, v in manifest["config"].items() if k != "batch"})
+            out = mamba.forward(params, inputs["x"] * (1 + eps), cfg, return_sequence=True).output
+            return {"output/sequence": out, "output/last": out[:, -1]}
+        return fn
+
+    path = suite_dir / "float64" / "mamba_edifice_wide"
+    good = check_callable(path, candidate(0.0), roles=("output",))
+    assert good and all(r.ok for r in good if r.note != "missing")
+    assert {r.name for r in good if r.note == "missing"} == {
+        f"output/hidden_state_{i}" for i in range(4)}
+    bad = check_callable(path, candidate(1e-9), roles=("output",))
+    assert not any(r.ok for r in bad if r.name in ("output/sequence", "output/last"))
+
+
+def test_core_gated_ema_fixture_gradients_match_the_numba_engine(suite_dir):
+    from refssm.golden import check_callable
+    from refssm.ssm.gated_ema import gated_ema_backward, gated_ema_forward
+
+    def fn(inputs, params, manifest):
+        y, last, saved = gated_ema_forward(inputs["x"], inputs["delta"], inputs["B"], inputs["C"],
+                                           initial_context=inputs["initial_context"],
+                                           engine="numba")
+        g = gated_ema_backward(inputs["w_out"], inputs["w_context"], saved)
+        return {"output/out": y, "output/last_context": last,
+                **{f"grad/input/{k}": v for k, v in g.items() if v is not None}}
+
+    rows = check_callable(suite_dir / "float64" / "core_gated_ema_causal", fn)
+    assert len(rows) == 7 and all(r.ok for r in rows), [(r.name, r.rel) for r in rows]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["FORMAT_VERSION", "FixtureError", "Fixture", "write_fixture", "read_fixture",
-           "compare_tensors", "CompareRow", "format_compare", "tensor_role"]
+           "compare_tensors", "CompareRow", "format_compare", "tensor_role", "check_callable"]
 
 #: Bumped whenever the layout of manifest.json or the tensor naming changes.
 FORMAT_VERSION = 1
@@ -271,3 +271,39 @@ def format_compare(rows) -> str:
     lines.append(f"\n{len(rows)} tensors compared, {len(rows) - bad} within tolerance, "
                  f"{bad} failed")
     return "\n".join(lines)
+
+
+def check_callable(fixture_path, fn, *, roles=("output", "step", "cache", "grad", "core")):
+    """Point the oracle at another implementation given as a Python callable.
+
+    ``fn(inputs, params, manifest)`` receives the fixture's ``input/`` tensors
+    (keys without the prefix), its parameter tree ``{layer: {name: array}}``
+    and its manifest (config, dtype, loss), and returns a dict of tensors named
+    as in the fixture (``"output/sequence"``, ``"grad/input/x"``, ...); whatever
+    it returns is compared, and every fixture tensor of ``roles`` it does not
+    return counts as missing.
+
+    Returns
+    -------
+    list of CompareRow
+        Print them with :func:`format_compare`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> x = np.arange(4.0)
+    >>> _ = write_fixture(d, arch="core", preset="-", config={}, seed=0, dtype="float64",
+    ...                   tensors={"input/x": x, "output/y": 2 * x}, tolerances={"output": 1e-12})
+    >>> [r.ok for r in check_callable(d, lambda inp, p, m: {"output/y": inp["x"] * 2})]
+    [True]
+    >>> [r.ok for r in check_callable(d, lambda inp, p, m: {"output/y": inp["x"] * 2.001})]
+    [False]
+    """
+    fx = read_fixture(fixture_path)
+    inputs = {k.split("/", 1)[1]: v for k, v in fx.tensors.items() if tensor_role(k) == "input"}
+    got = fn(inputs, fx.params(), fx.manifest)
+    if not isinstance(got, dict):
+        raise FixtureError(f"check_callable: expected the callable to return a dict of tensors, "
+                           f"got {type(got).__name__}")
+    return compare_tensors(fx, got, roles=roles)

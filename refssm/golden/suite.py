@@ -173,6 +173,38 @@ def s5_scan_fixture_tensors(seed: int, dtype: str):
                    discretization="zoh")
 
 
+def gated_ema_fixture_tensors(seed: int, dtype: str, *, scan_mode: str = "causal"):
+    """GatedSSM's gated core (gates + EMA), its last context and all gradients.
+
+    Loss: ``sum(w_out * out)`` (+ ``sum(w_context * last_context)`` in causal mode).
+    """
+    from ..ssm.gated_ema import gated_ema_backward, gated_ema_forward
+
+    rng = np.random.default_rng(seed)
+    batch, L, E, N = 2, 24, 6, 4
+    args = _round_to(dtype, dict(x=rng.standard_normal((batch, L, E)),
+                                 delta=rng.uniform(0.2, 2.0, (batch, L, E)),
+                                 B=0.5 * rng.standard_normal((batch, L, N)),
+                                 C=0.5 * rng.standard_normal((batch, L, N))))
+    causal = scan_mode == "causal"
+    ctx0 = _round_to(dtype, rng.standard_normal((batch, E))) if causal else None
+    W = _round_to(dtype, rng.standard_normal((batch, L, E)))
+    Wc = _round_to(dtype, rng.standard_normal((batch, E))) if causal else None
+    y, last, saved = gated_ema_forward(**args, scan_mode=scan_mode, initial_context=ctx0)
+    g = gated_ema_backward(W, Wc, saved)
+    t = {f"input/{k}": _stored(dtype, v) for k, v in args.items()}
+    t["input/w_out"] = _stored(dtype, W)
+    t["output/out"] = y
+    if causal:
+        t["input/initial_context"] = _stored(dtype, ctx0)
+        t["input/w_context"] = _stored(dtype, Wc)
+        t["output/last_context"] = last
+    for k, v in g.items():
+        if v is not None:
+            t[f"grad/input/{k}"] = v
+    return t, dict(batch=batch, seq_len=L, inner=E, state=N, alpha=0.9, scan_mode=scan_mode)
+
+
 def _cache_tensors(cache) -> dict:
     """``cache/<field>`` for every array of a model's cache (a NamedTuple)."""
     out = {}
@@ -239,6 +271,9 @@ SUITE = [
      {"preset": "edifice"}),
 ]
 SUITE.append(("core_s5_ssm", "core", "s5", s5_scan_fixture_tensors, {}))
+for _mode in ("causal", "legacy"):
+    SUITE.append((f"core_gated_ema_{_mode}", "core", _mode, gated_ema_fixture_tensors,
+                  {"scan_mode": _mode}))
 
 #: Two configs per architecture: a small one, and a wider/deeper one with other sizes.
 _MODEL_CONFIGS = {
@@ -279,8 +314,16 @@ def write_suite(out_dir, seed: int = 0, dtypes=("float64", "float32"), progress=
             if progress:
                 print(f"  {dtype}/{name}", file=progress, flush=True)
             tensors, config = maker(seed, dtype, **kwargs)
-            loss = SCAN_LOSS if name.startswith("core_selective") else (
-                MODEL_LOSS if any(k.startswith("grad/") for k in tensors) else "")
+            if name.startswith("core_selective"):
+                loss = SCAN_LOSS
+            elif name.startswith("core_s5"):
+                loss = ("sum(input/w_out * output/out) + sum(input/w_state_re * "
+                        "output/last_state_re + input/w_state_im * output/last_state_im)")
+            elif name.startswith("core_gated_ema"):
+                loss = "sum(input/w_out * output/out)" + (
+                    " + sum(input/w_context * output/last_context)" if "causal" in name else "")
+            else:
+                loss = MODEL_LOSS if any(k.startswith("grad/") for k in tensors) else ""
             path = os.path.join(out_dir, dtype, name)
             write_fixture(path, arch=arch, preset=preset, config=config, seed=seed, dtype=dtype,
                           tensors=tensors, tolerances=TOLERANCES[dtype], loss=loss)
