@@ -7,7 +7,12 @@ when torch is installed, against a torch transcription of the official
 ``selective_scan_ref`` loop. Peak extra memory is the growth of the process's
 resident set (Linux ``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``) during one forward+backward, so it counts Numba's
-allocations as well as NumPy's.
+allocations as well as NumPy's. That figure is only meaningful with a fixed
+glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_`` set in the environment before
+Python starts; ``refssm bench`` re-executes itself with it): otherwise glibc
+raises its threshold after the first large free and serves later arrays from
+heap memory that is already resident, and the growth reads as 0. Without it
+the column shows "-".
 """
 from __future__ import annotations
 
@@ -168,7 +173,8 @@ def bench_scan(workloads=("W1", "W2", "W3", "W4"), dtypes=("float64", "float32")
 
                 r_fwd = _median_time(fwd, repeats)
                 r_fb = _median_time(fwd_bwd, repeats)
-                peak = _peak_extra_bytes(fwd_bwd)
+                peak = (_peak_extra_bytes(fwd_bwd)
+                        if os.environ.get("MALLOC_MMAP_THRESHOLD_") else None)
                 results.append(BenchResult(wl, dtype, engine, r_fwd, r_fb, peak, in_bytes))
             if with_torch:
                 fns = _torch_fns(inputs)
