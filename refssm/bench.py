@@ -12,7 +12,9 @@ glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_`` set in the environment before
 Python starts; ``refssm bench`` re-executes itself with it): otherwise glibc
 raises its threshold after the first large free and serves later arrays from
 heap memory that is already resident, and the growth reads as 0. Without it
-the column shows "-".
+the column shows "-". The threshold is 4 MiB: arrays from 4 MiB up are
+counted exactly, smaller temporaries not at all; a lower threshold would
+mmap the NumPy engine's per-step temporaries and slow it several-fold.
 """
 from __future__ import annotations
 

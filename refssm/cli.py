@@ -41,7 +41,7 @@ def _reexec_with_fixed_mmap_threshold():
 
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4194304")
     os.execve(sys.executable, [sys.executable, "-m", "refssm.cli"] + sys.argv[1:], env)
 
 
