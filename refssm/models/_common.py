@@ -126,3 +126,48 @@ def check_params(params, expected: Mapping, what: str = "params") -> dict:
                                  f"got {a.shape}")
             out[layer][name] = a
     return out
+
+
+# ---------------------------------------------------------------------------
+# Config validation, shared by the four architectures' configs
+# ---------------------------------------------------------------------------
+
+def _positive_int(value, name, minimum=1):
+    """``value`` as an int ``>= minimum`` (bools refused), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _choice(value, name, choices):
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def _bool(value, name):
+    """``value`` as a bool (only True/False accepted)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def _float(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    """``value`` as a finite float in ``[lo, hi]`` (ends open on request; None = no bound)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    bad = not math.isfinite(v)
+    bad |= lo is not None and (v <= lo if lo_open else v < lo)
+    bad |= hi is not None and (v >= hi if hi_open else v > hi)
+    if bad:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name}: expected a finite number in {rng}, got {value!r}")
+    return v
+
+
+def _rng(rng):
+    """A numpy Generator: ``rng`` itself, or one seeded with it."""
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)

@@ -89,8 +89,8 @@ from ..ops.dropout import dropout_forward
 from ..ops.norms import layer_norm_forward
 from ..ops.pooling import causal_mean_forward, causal_mean_step
 from ..ssm.gated_ema import ENGINES, gated_ema_forward, gated_ema_step
-from ._common import check_params, count_params
-from .mamba import _choice, _dense_params, _float, _positive_int, _rng
+from ._common import _choice, _float, _positive_int, _rng, check_params, count_params
+from .mamba import _dense_params
 
 __all__ = [
     "GatedSSMConfig", "PRESETS", "FLAGS", "GatedSSMCache", "GatedSSMOutput", "GatedSSMModel",

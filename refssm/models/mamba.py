@@ -78,7 +78,8 @@ from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.norms import layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward
 from ..ssm.selective_scan import (ENGINES, SelectiveScanSaved, selective_scan_backward,
                                   selective_scan_forward)
-from ._common import check_params, count_params, glorot_uniform, torch_uniform
+from ._common import (_bool, _choice, _float, _positive_int, _rng, check_params, count_params,
+                      glorot_uniform, torch_uniform)
 
 __all__ = [
     "MambaConfig", "PRESETS", "FLAGS", "MambaCache", "MambaOutput", "MambaModel",
@@ -133,38 +134,6 @@ FLAGS = {
 _SIZES = dict(hidden_size=256, state_size=16, expand_factor=2, conv_size=4, num_layers=2)
 _OTHER = dict(dropout=0.0, window_size=60, seq_len=None, norm_eps=1e-5,
               dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4)
-
-
-def _positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _choice(value, name, choices):
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
-
-
-def _bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
-    return bool(value)
-
-
-def _float(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number, got {value!r}") from None
-    bad = not math.isfinite(v)
-    bad |= lo is not None and (v <= lo if lo_open else v < lo)
-    bad |= hi is not None and (v >= hi if hi_open else v > hi)
-    if bad:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name}: expected a finite number in {rng}, got {value!r}")
-    return v
 
 
 @dataclass(frozen=True, init=False)
@@ -538,10 +507,6 @@ def original_param_count(config=None, **opts) -> int:
 # ---------------------------------------------------------------------------
 # Builders (initialised parameters)
 # ---------------------------------------------------------------------------
-
-def _rng(rng):
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
 
 def _dense_params(rng, n_in, n_out, bias, init):
     """``{kernel [in, out], bias [out]?}``: torch ``nn.Linear`` defaults or Axon's."""

@@ -79,7 +79,8 @@ from ..ops.dropout import dropout_forward
 from ..ops.norms import layer_norm_forward
 from ..ssm import s5 as core
 from ..ssm.selective_scan import selective_scan_forward
-from ._common import check_params, count_params, glorot_uniform
+from ._common import (_bool, _choice, _positive_int, _rng, check_params, count_params,
+                      glorot_uniform)
 
 __all__ = [
     "S5Config", "PRESETS", "FLAGS", "S5Cache", "S5Output", "S5Model",
@@ -260,25 +261,12 @@ _OTHER = dict(dropout=0.1, window_size=60, seq_len=None, norm_eps=1e-5, ffn_expa
               clip_eigs=False, bidirectional=False, dt_min=1e-3, dt_max=1e-1, step_rescale=1.0)
 
 
-def _positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _choice(value, name, choices):
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
-
-
-def _bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
-    return bool(value)
-
-
 def _float(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    """As :func:`refssm.models._common._float`, but an open bound reads ``-inf``/``inf``.
+
+    Kept apart because the other models' messages print ``None`` there (pinned
+    by their tests); one of the two messages should change for them to merge.
+    """
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -291,7 +279,6 @@ def _float(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
         rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {hi_s}"
         raise ValueError(f"{name}: expected a finite number in {rng}, got {value!r}")
     return v
-
 
 @dataclass(frozen=True, init=False)
 class S5Config:
@@ -651,10 +638,6 @@ def original_param_count(config=None, **opts) -> int:
 # ---------------------------------------------------------------------------
 # Builders (initialised parameters)
 # ---------------------------------------------------------------------------
-
-def _rng(rng):
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
 
 def _dense_params(rng, n_in, n_out):
     """Axon's ``dense``: glorot-uniform kernel ``[in, out]``, zero bias ``[out]``."""

@@ -81,8 +81,9 @@ from ..ops.gelu import gelu_forward
 from ..ops.norms import layer_norm_forward
 from ..ssm.gated_ema import bc_gate, selection_gate
 from ..ssm.selective_scan import ENGINES, selective_scan_forward
-from ._common import check_params, count_params, glorot_uniform, torch_uniform
-from .mamba import _bool, _choice, _dense_params, _float, _positive_int, _rng
+from ._common import (_bool, _choice, _float, _positive_int, _rng, check_params, count_params,
+                      glorot_uniform, torch_uniform)
+from .mamba import _dense_params
 
 __all__ = [
     "SSTransformerConfig", "PRESETS", "FLAGS", "SSTransformerCache", "SSTransformerOutput",
