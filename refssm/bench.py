@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._text import text_table
 from .ssm.selective_scan import ENGINES, selective_scan_backward, selective_scan_forward
 
 __all__ = ["WORKLOADS", "BenchResult", "make_inputs", "bench_scan", "format_bench"]
@@ -213,9 +214,7 @@ def format_bench(results) -> str:
         rows.append((r.workload, r.dtype, r.engine, _fmt_time(r.forward), fr,
                      _fmt_time(r.forward_backward), br, mem + ("  " + "; ".join(r.notes)
                                                                if r.notes else "")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows)
     lines.append("")
     lines.append(f"threads: {_num_threads()}; ratios are NumPy time / engine time (same run)")
     return "\n".join(lines)
@@ -294,10 +293,7 @@ def format_model_bench(results) -> str:
         ratio = f"{base.forward / r.forward:.1f}x" if base else "-"
         step = f"{r.step_per_frame * 1e6:.0f} us" if r.step_per_frame is not None else "-"
         rows.append((r.arch, r.preset, r.engine, _fmt_time(r.forward), ratio, step))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(text_table(rows))
 
 
 def bench_s5_engines(seq_lens=(60, 4096, 65536), repeats=5, progress=sys.stderr) -> str:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._text import text_table
+
 __all__ = ["FORMAT_VERSION", "FixtureError", "Fixture", "write_fixture", "read_fixture",
            "compare_tensors", "CompareRow", "format_compare", "tensor_role", "check_callable"]
 
@@ -263,10 +265,7 @@ def format_compare(rows) -> str:
     table = [head] + [(r.name, f"{r.max_abs:.2e}", f"{r.rel:.2e}", f"{r.tolerance:.0e}",
                        ("ok" if r.ok else "FAIL") + (f" ({r.note})" if r.note else ""))
                       for r in rows]
-    w = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w[i]) if i in (0, 4) else c.rjust(w[i]) for i, c in enumerate(t))
-             for t in table]
-    lines.insert(1, "  ".join("-" * x for x in w))
+    lines = text_table(table, right={1, 2, 3})
     bad = sum(not r.ok for r in rows)
     lines.append(f"\n{len(rows)} tensors compared, {len(rows) - bad} within tolerance, "
                  f"{bad} failed")

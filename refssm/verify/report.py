@@ -6,6 +6,7 @@ import sys
 import textwrap
 import time
 
+from .._text import text_table
 from .core import CORE_CHECKS, Figure
 
 __all__ = ["run_checks", "format_table", "format_markdown", "to_json"]
@@ -45,13 +46,7 @@ def format_table(figures: list[Figure]) -> str:
         budget = "-" if f.budget == float("inf") else f"{f.budget:.0e}"
         rows.append((f.arch, f.preset, f.check, f"{f.value:.2e}", budget,
                      "ok" if f.ok else "FAIL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = text_table(rows, right={3, 4, 5})
     n_bad = sum(not f.ok for f in figures)
     lines.append("")
     lines.append(f"{len(figures)} figures, {len(figures) - n_bad} within budget, {n_bad} over budget")
