@@ -227,14 +227,14 @@ def model_fixture_tensors(seed: int, dtype: str, *, arch: str, preset: str, conf
     step, the final cache, and (where the model has a manual backward) gradients."""
     import importlib
 
-    mamba = importlib.import_module(f"refssm.models.{arch}")
-    cfg = mamba.as_config(dict(config, preset=preset))
+    mod = importlib.import_module(f"refssm.models.{arch}")
+    cfg = mod.as_config(dict(config, preset=preset))
     rng = np.random.default_rng(seed)
-    params = _round_to(dtype, mamba.random_params(cfg, seed=seed))
+    params = _round_to(dtype, mod.random_params(cfg, seed=seed))
     batch, L = 2, config.get("seq_len") or 12
     x = _round_to(dtype, rng.standard_normal((batch, L, cfg.embed_dim)))
     W = _round_to(dtype, rng.standard_normal((batch, L, cfg.hidden_size)))
-    res = mamba.forward(params, x, cfg, return_sequence=True)
+    res = mod.forward(params, x, cfg, return_sequence=True)
     t = {"input/x": _stored(dtype, x), "input/w_out": _stored(dtype, W)}
     t.update(_flatten_params(params, dtype))
     t["output/sequence"] = res.output
@@ -242,16 +242,16 @@ def model_fixture_tensors(seed: int, dtype: str, *, arch: str, preset: str, conf
     for i, hs in enumerate(res.hidden_states):
         t[f"output/hidden_state_{i}"] = hs
     if getattr(cfg, "scan_mode", "causal") == "causal":     # GatedSSM legacy cannot step
-        cache = mamba.init_cache(cfg, batch)
+        cache = mod.init_cache(cfg, batch)
         steps = []
         for k in range(L):
-            y, cache = mamba.step(params, cache, x[:, k], cfg)
+            y, cache = mod.step(params, cache, x[:, k], cfg)
             steps.append(y)
         t["step/output"] = np.stack(steps, axis=1)            # [batch, seq_len, hidden]
         t.update(_cache_tensors(cache))
-    if hasattr(mamba, "backward") and hasattr(mamba, "forward_with_saved"):
-        _, saved = mamba.forward_with_saved(params, x, cfg, return_sequence=True)
-        grads = mamba.backward(W, saved)
+    if hasattr(mod, "backward") and hasattr(mod, "forward_with_saved"):
+        _, saved = mod.forward_with_saved(params, x, cfg, return_sequence=True)
+        grads = mod.backward(W, saved)
         t["grad/input/x"] = grads.x
         for layer, p in grads.params.items():
             for name, g in p.items():

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ..models._common import count_params
 from .core import Figure, _fig
 from .metrics import BUDGETS, normwise_error
 
@@ -138,7 +139,7 @@ def _input_projection_row(c):
 
 def _mamba_rows(c):
     """Edifice ``Common.param_count/1`` against :mod:`refssm.models.mamba`'s exact count."""
-    H, E, N, K, L = c.hidden_size, c.inner_size, c.state_size, c.conv_size, c.num_layers
+    H, E, N, L = c.hidden_size, c.inner_size, c.state_size, c.num_layers
     R, R0 = c.dt_rank_size, max(H // 16, 1)
     how = {"ceil": "ceil(H/16)", "floor": "max(H div 16, 1)"}.get(c.dt_rank, "set")
     rank = f"dt_rank R = {R} ({how}), the formula's max(H div 16, 1) = {R0}"
@@ -439,7 +440,7 @@ def explain_original_count(mod, config) -> str:
 
 def _check_counts(arch, mod, preset, c):
     model = mod.build(c, seed=0)
-    tree = sum(int(np.asarray(a).size) for p in model.params.values() for a in p.values())
+    tree = count_params(model.params)
     exact = mod.param_count(c)
     approx = mod.original_param_count(c)
     if approx is None:
