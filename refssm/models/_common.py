@@ -21,8 +21,10 @@ from typing import Mapping
 import numpy as np
 
 from .._validate import as_float_array
+from ..ops.dense import DenseSaved, dense_backward, dense_forward
 
-__all__ = ["glorot_uniform", "torch_uniform", "count_params", "check_params", "tree_shapes"]
+__all__ = ["glorot_uniform", "torch_uniform", "count_params", "check_params", "tree_shapes",
+           "dense_layer_forward", "dense_layer_backward", "grad_tree"]
 
 
 def glorot_uniform(rng: np.random.Generator, shape: tuple) -> np.ndarray:
@@ -171,3 +173,100 @@ def _float(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
 def _rng(rng):
     """A numpy Generator: ``rng`` itself, or one seeded with it."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+# --- manual backward: shared by the four models' forward_with_saved/backward ------
+#
+# Every ``*_backward`` of a model takes the gradient of its forward's outputs and
+# the forward's saved values and returns the gradient of its inputs and a
+# *fragment* ``{layer: {name: grad}}`` of the parameter-gradient tree; the
+# model's ``backward`` merges them (:func:`_merge_grads`) and orders them as the
+# parameter tree (:func:`grad_tree`).
+
+def _merge_grads(tree: dict, fragment: dict) -> dict:
+    """Add a gradient fragment ``{layer: {name: grad}}`` to ``tree`` (each entry exactly once)."""
+    for layer, grads in fragment.items():
+        dst = tree.setdefault(layer, {})
+        for name, g in grads.items():
+            if name in dst:      # every parameter is used once per forward: a repeat is a bug here
+                raise AssertionError(f"gradient of {layer}.{name} produced twice")
+            dst[name] = g
+    return tree
+
+
+def dense_layer_forward(params: dict, x: np.ndarray, name: str):
+    """``y = x @ kernel + bias`` of layer ``name`` (``input_projection``, ``*_out_proj``).
+
+    Parameters
+    ----------
+    params : dict
+        The model's tree; reads ``params[name]`` (``kernel [in, out]``, ``bias [out]`` if any).
+    x : ndarray ``[..., in]``
+    name : str
+
+    Returns
+    -------
+    y : ndarray ``[..., out]``
+    saved : DenseSaved
+
+    Examples
+    --------
+    >>> p = {"lin": {"kernel": np.eye(2), "bias": np.ones(2)}}
+    >>> y, s = dense_layer_forward(p, np.array([[1.0, 2.0]]), "lin")
+    >>> y
+    array([[2., 3.]])
+    >>> dx, frag = dense_layer_backward(np.ones((1, 2)), s, "lin")
+    >>> dx, frag["lin"]["kernel"], frag["lin"]["bias"]
+    (array([[1., 1.]]), array([[1., 1.],
+           [2., 2.]]), array([1., 1.]))
+    """
+    p = params[name]
+    return dense_forward(x, p["kernel"], p.get("bias"))
+
+
+def dense_layer_backward(dy: np.ndarray, saved: DenseSaved, name: str):
+    """Backward of :func:`dense_layer_forward`.
+
+    ``dx = dy kernel^T``, ``d kernel = x^T dy``, ``d bias = sum dy`` (over the leading axes).
+
+    Parameters
+    ----------
+    dy : ndarray ``[..., out]``
+    saved : DenseSaved
+    name : str
+
+    Returns
+    -------
+    dx : ndarray ``[..., in]``
+    fragment : dict
+        ``{name: {"kernel": [in, out], "bias": [out]}}`` (no ``bias`` if the layer has none).
+
+    Examples
+    --------
+    See :func:`dense_layer_forward`.
+    """
+    g = dense_backward(dy, saved)
+    grads = {"kernel": g["kernel"]}
+    if g["bias"] is not None:
+        grads["bias"] = g["bias"]
+    return g["x"], {name: grads}
+
+
+def grad_tree(dparams: dict, shapes: Mapping) -> dict:
+    """The merged gradient fragments as a tree with exactly the layers, names and order of ``shapes``.
+
+    Examples
+    --------
+    >>> grad_tree({"b": {"w": 1}, "a": {"w": 2}}, {"a": {"w": ()}, "b": {"w": ()}})
+    {'a': {'w': 2}, 'b': {'w': 1}}
+    """
+    extra = {(layer, name) for layer, g in dparams.items() for name in g} - \
+            {(layer, name) for layer, names in shapes.items() for name in names}
+    if extra:                                                             # internal consistency
+        raise AssertionError(f"gradients for parameters not in the tree: {sorted(extra)}")
+    missing = [(layer, name) for layer, names in shapes.items() for name in names
+               if name not in dparams.get(layer, {})]
+    if missing:
+        raise AssertionError(f"no gradient computed for parameters {missing}")
+    return {layer: {name: dparams[layer][name] for name in names}
+            for layer, names in shapes.items()}

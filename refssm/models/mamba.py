@@ -69,11 +69,12 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import as_float_array
+from ._common import _merge_grads, dense_layer_backward, dense_layer_forward, grad_tree
 from ..ops.activations import (ActivationSaved, inverse_softplus, silu_backward, silu_forward,
                                softplus_forward)
 from ..ops.conv import (ConvSaved, causal_depthwise_conv1d_backward,
                         causal_depthwise_conv1d_forward, causal_depthwise_conv1d_step)
-from ..ops.dense import DenseSaved, dense_backward, dense_forward
+from ..ops.dense import DenseSaved, dense_forward
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.norms import layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward
 from ..ssm.selective_scan import (ENGINES, SelectiveScanSaved, selective_scan_backward,
@@ -1196,75 +1197,6 @@ def step(params: dict, cache: MambaCache, frame, config=None):
 # Saved values are references to arrays the forward computes anyway (the
 # ops' own ``*Saved`` tuples), not copies.
 
-def _merge_grads(tree: dict, fragment: dict) -> dict:
-    """Add a gradient fragment ``{layer: {name: grad}}`` to ``tree`` (each entry exactly once)."""
-    for layer, grads in fragment.items():
-        dst = tree.setdefault(layer, {})
-        for name, g in grads.items():
-            if name in dst:      # every parameter is used once per forward: a repeat is a bug here
-                raise AssertionError(f"gradient of {layer}.{name} produced twice")
-            dst[name] = g
-    return tree
-
-
-def dense_layer_forward(params: dict, x: np.ndarray, name: str):
-    """``y = x @ kernel + bias`` of layer ``name`` (``input_projection``, ``*_out_proj``).
-
-    Parameters
-    ----------
-    params : dict
-        The model's tree; reads ``params[name]`` (``kernel [in, out]``, ``bias [out]`` if any).
-    x : ndarray ``[..., in]``
-    name : str
-
-    Returns
-    -------
-    y : ndarray ``[..., out]``
-    saved : DenseSaved
-
-    Examples
-    --------
-    >>> p = {"lin": {"kernel": np.eye(2), "bias": np.ones(2)}}
-    >>> y, s = dense_layer_forward(p, np.array([[1.0, 2.0]]), "lin")
-    >>> y
-    array([[2., 3.]])
-    >>> dx, frag = dense_layer_backward(np.ones((1, 2)), s, "lin")
-    >>> dx, frag["lin"]["kernel"], frag["lin"]["bias"]
-    (array([[1., 1.]]), array([[1., 1.],
-           [2., 2.]]), array([1., 1.]))
-    """
-    p = params[name]
-    return dense_forward(x, p["kernel"], p.get("bias"))
-
-
-def dense_layer_backward(dy: np.ndarray, saved: DenseSaved, name: str):
-    """Backward of :func:`dense_layer_forward`.
-
-    ``dx = dy kernel^T``, ``d kernel = x^T dy``, ``d bias = sum dy`` (over the leading axes).
-
-    Parameters
-    ----------
-    dy : ndarray ``[..., out]``
-    saved : DenseSaved
-    name : str
-
-    Returns
-    -------
-    dx : ndarray ``[..., in]``
-    fragment : dict
-        ``{name: {"kernel": [in, out], "bias": [out]}}`` (no ``bias`` if the layer has none).
-
-    Examples
-    --------
-    See :func:`dense_layer_forward`.
-    """
-    g = dense_backward(dy, saved)
-    grads = {"kernel": g["kernel"]}
-    if g["bias"] is not None:
-        grads["bias"] = g["bias"]
-    return g["x"], {name: grads}
-
-
 def norm_forward(params: dict, x: np.ndarray, config, name: str):
     """``u = norm(x)``: LayerNorm (``gamma``, ``beta``) or RMSNorm (``gamma``) over ``hidden``.
 
@@ -2105,13 +2037,6 @@ def backward(d_out, saved: MambaSaved, *, d_state: Optional[MambaCache] = None) 
     if saved.input_projection is not None:
         dx, g = dense_layer_backward(dx, saved.input_projection, "input_projection")
         _merge_grads(dparams, g)
-    # --- the tree, in the parameters' order ----------------------------------
-    shapes = param_shapes(c)
-    tree = {layer: {name: dparams[layer][name] for name in names}
-            for layer, names in shapes.items()}
-    extra = {(layer, name) for layer, g in dparams.items() for name in g} - \
-            {(layer, name) for layer, names in shapes.items() for name in names}
-    if extra:                                                             # internal consistency
-        raise AssertionError(f"gradients for parameters not in the tree: {sorted(extra)}")
+    tree = grad_tree(dparams, param_shapes(c))                            # the params' order
     d_state_in = MambaCache(dh0, dconv0) if saved.has_state else None
     return MambaGrads(dx, tree, d_state_in)
