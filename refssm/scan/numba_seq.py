@@ -15,6 +15,13 @@ What differs is *how*:
   channel walks time with its state ``h[N]`` in a small local array;
   ``A_bar = fexp(dt * A)`` and ``(dtB * u) * B`` are computed on the fly. No
   array of size ``batch * seq_len * channels * state`` is ever allocated.
+* **Prologue and epilogue fused too** (:func:`fused_forward`, used by
+  ``selective_scan_forward(engine="numba")``): ``dt = clip(softplus(delta +
+  delta_bias))``, the channel mean for ``dtB`` and ``out = (y + D u) silu(z)``
+  are computed on the staged rows (vector code: :func:`refssm.scan._fastexp.
+  build_softplus` / ``build_sigmoid``), and the backward recomputes them, and
+  ``y = C . h``, chunk by chunk. :func:`scan_core_forward` is the same kernel
+  with an identity prologue and no epilogue (the NumPy engine's contract).
 * **Memory access.** ``[batch, L, channels]`` rows of one channel block lie
   ``channels`` elements apart, a new page almost every step, which the
   hardware prefetchers do not follow. So time goes in chunks of ``CHUNK``
@@ -48,16 +55,18 @@ What differs is *how*:
   results are bit-for-bit reproducible.
 
 Memory (``P = N_PARTS``, ``nc = ceil(seq_len / CHUNK)``): the forward
-allocates ``y`` and ``h_last`` (its outputs) and the checkpoints
+allocates ``out`` and ``h_last`` (its outputs) and the checkpoints
 ``[batch, nc, channels, N]`` (``N / CHUNK`` = a quarter of ``u``'s size at
-``N = 16``). The backward allocates its outputs, ``dA`` per batch row
-``[batch, channels, N]``, per partition ``O(CHUNK * (N + 16))`` scratch, and
+``N = 16``), plus ``dt_mean [batch, seq_len]`` for the channel mean. The
+backward allocates its outputs, ``dA``, ``dD``, ``d delta_bias`` per batch
+row, per partition ``O(CHUNK * (N + 16 * 13))`` scratch, and
 the shared rows of ``dB``/``dC``: at most ``(P - 1) * LB * N`` values each for
 variable/grouped ``B``/``C``, ``(P - 1) * G * N`` for constant ones.
 
 Accuracy (float64, against the NumPy engine; ``tests/test_numba_seq.py``):
 normwise <= 1e-12 on everything; differences come only from ``fexp`` (<= 1 ulp
-vs ``np.exp``) and the order of roundings.
+vs ``np.exp``), the fused softplus / sigmoid (<= 3 / 4 ulp vs the NumPy
+forms) and the order of roundings.
 """
 from __future__ import annotations
 
@@ -69,19 +78,20 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastexp import build_fexp, ir_fingerprint
+from ._fastexp import _const, build_fexp, build_sigmoid, build_softplus, ir_fingerprint
 
 #: :func:`refssm.scan._fastexp.ir_fingerprint` of the ``fexp`` compiled into the
 #: cached kernels below. Numba keys its cache on this file's content only, so a
 #: change of ``fexp`` must come with a change here (which makes Numba recompile).
-_FEXP_FINGERPRINT = "ba363bdf1ea64f1a6a33ef764f4e6423b82a942f4ead18e3218a9b9a9df4c2f0"
+_FEXP_FINGERPRINT = "d4861e7a5a7c2a9aa4c15197993078cd4404c17fe938c0cf41dd61b56694b25c"
 if ir_fingerprint() != _FEXP_FINGERPRINT:  # pragma: no cover - a developer's reminder
     raise ImportError(
         "refssm.scan._fastexp changed (ir_fingerprint() = "
         f"{ir_fingerprint()!r}): set _FEXP_FINGERPRINT in refssm/scan/numba_seq.py to it, "
         "so that Numba recompiles the cached kernels that inline fexp")
 
-__all__ = ["NumbaSaved", "scan_core_forward", "scan_core_backward", "CHUNK", "N_PARTS"]
+__all__ = ["NumbaSaved", "fused_forward", "fused_backward", "scan_core_forward",
+           "scan_core_backward", "CHUNK", "N_PARTS"]
 
 #: Time steps between two saved states (the backward recomputes one chunk at a time).
 CHUNK = 64
@@ -91,14 +101,29 @@ N_PARTS = 32
 
 
 class NumbaSaved(NamedTuple):
-    """What :func:`scan_core_forward` keeps for :func:`scan_core_backward`.
+    """What :func:`fused_forward` / :func:`scan_core_forward` keep for the backward.
 
-    The inputs are kept by reference (no copies); the only array computed for
-    the backward is ``checkpoints``.
+    The inputs are kept by reference (no copies); the arrays computed for the
+    backward are ``checkpoints`` (and ``dt_mean``, ``[batch, seq_len]``).
+    ``dt``, ``dtB``, ``y`` and the gates are recomputed chunk by chunk.
 
     Attributes
     ----------
-    u, dt, dtB : ndarray ``[batch, seq_len, channels]``
+    u, delta : ndarray ``[batch, seq_len, channels]``
+        ``delta`` is the raw step (``dt`` itself for :func:`scan_core_forward`).
+    bias : ndarray ``[channels]``
+        ``delta_bias`` (zeros when absent).
+    src : ndarray ``[batch, seq_len, channels]``
+        ``dtB`` of :func:`scan_core_forward` (else ``delta``, unused).
+    dt_mean : ndarray ``[batch, seq_len]``
+        ``mean_c dt`` for ``delta_b_mean`` (else zeros, unused).
+    D : ndarray ``[channels]``
+        (``bias`` when absent, unused.)
+    z : ndarray ``[batch, seq_len, channels]``
+        (``u`` when absent, unused.)
+    fl : ndarray ``[7]``
+        The run-time options: softplus?, clip lo, clip hi, channel-mean?,
+        ``dtB`` given?, D?, z? (1.0 / 0.0; the clip is ``-inf, inf`` when off).
     A : ndarray ``[channels, state]``
     B4, C4 : ndarray ``[bB, LB, G, state]``
     checkpoints : ndarray ``[batch, ceil(seq_len / chunk), channels, state]``
@@ -110,8 +135,13 @@ class NumbaSaved(NamedTuple):
     """
 
     u: np.ndarray
-    dt: np.ndarray
-    dtB: np.ndarray
+    delta: np.ndarray
+    bias: np.ndarray
+    src: np.ndarray
+    dt_mean: np.ndarray
+    D: np.ndarray
+    z: np.ndarray
+    fl: np.ndarray
     A: np.ndarray
     B4: np.ndarray
     C4: np.ndarray
@@ -304,6 +334,98 @@ def _loop_intrinsic(name, n_arrays, n_scalars, body, n_sums):
     return intrinsic(typer)
 
 
+def _flag(builder, flag, a, b):
+    """``a`` where the 0/1 run-time flag (a splatted float scalar) is set, else ``b``."""
+    return builder.select(builder.fcmp_ordered(">", flag, _const(flag.type, 0.0)), a, b)
+
+
+def _step_size(builder, x, sp, lo, hi):
+    """The prologue, elementwise: ``raw = softplus(x)`` if ``sp`` else ``x``, ``dt = clip(raw, lo, hi)``.
+
+    ``x = delta + delta_bias``; without a clip ``lo, hi = -inf, inf``. Returns ``(raw, dt)``.
+    """
+    b = builder
+    raw = _flag(b, sp, build_softplus(b, x), x)
+    dt = b.select(b.fcmp_ordered("<", raw, lo), lo, raw)
+    dt = b.select(b.fcmp_ordered(">", dt, hi), hi, dt)
+    return raw, dt
+
+
+def _step_size_grad(builder, x, raw, sp, lo, hi):
+    """``d dt / d x``: the clip's mask (``lo <= raw <= hi``) times ``sigmoid(x)`` if ``sp`` else 1."""
+    b = builder
+    one, zero = _const(x.type, 1.0), _const(x.type, 0.0)
+    inside = b.and_(b.fcmp_ordered(">=", raw, lo), b.fcmp_ordered("<=", raw, hi))
+    return b.select(inside, _flag(b, sp, build_sigmoid(b, x), one), zero)
+
+
+def _stage_forward_body(builder, v, s):
+    # arrays: delta, bias, src, u, dt_row, bu_row; scalars: sp, lo, hi, mean?, arr?, dt_mean
+    # dt = clip(softplus(delta + bias)); dtB = src (arr), dt_mean (mean) or dt; bu = dtB u
+    b = builder
+    delta, bias, src, u, _, _ = v
+    sp, lo, hi, mmean, marr, dtm = s
+    _, dt = _step_size(b, b.fadd(delta, bias), sp, lo, hi)
+    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
+    return {4: dt, 5: b.fmul(dtB, u)}, []
+
+
+def _step_sum_body(builder, v, s):
+    # arrays: delta, bias; scalars: sp, lo, hi.  Sum over the row of dt (for the channel mean)
+    b = builder
+    delta, bias = v
+    sp, lo, hi = s
+    return {}, [_step_size(b, b.fadd(delta, bias), sp, lo, hi)[1]]
+
+
+def _store_forward_body(builder, v, s):
+    # arrays: y_row, D, u, z, out; scalars: D?, z?.  out = (y + D u) * z sigmoid(z)
+    b = builder
+    y, D, u, z, _ = v
+    hasD, hasz = s
+    y = _flag(b, hasD, b.fadd(y, b.fmul(D, u)), y)
+    return {4: _flag(b, hasz, b.fmul(y, b.fmul(z, build_sigmoid(b, z))), y)}, []
+
+
+def _stage_backward_body(builder, v, s):
+    # arrays: delta, bias, src, u, z, d_out, dt_row, dtB_row, u_row, z_row, sz_row, do_row,
+    #         df_row; scalars: sp, lo, hi, mean?, arr?, dt_mean
+    b = builder
+    delta, bias, src, u, z, dout = v[:6]
+    sp, lo, hi, mmean, marr, dtm = s
+    x = b.fadd(delta, bias)
+    raw, dt = _step_size(b, x, sp, lo, hi)
+    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
+    return {6: dt, 7: dtB, 8: u, 9: z, 10: build_sigmoid(b, z), 11: dout,
+            12: _step_size_grad(b, x, raw, sp, lo, hi)}, []
+
+
+def _store_backward_body(builder, v, s):
+    # arrays: du_row, ddt_row, ddtB_row, df_row, db_row, du, d_delta; scalar: mean?
+    # d_delta = (d dt + d dtB) * dt'(x)  (mean: d dtB enters later, summed over channels)
+    b = builder
+    du, ddt, ddtB, df, db = v[:5]
+    (mmean,) = s
+    dd = b.fmul(_flag(b, mmean, ddt, b.fadd(ddt, ddtB)), df)
+    return {5: du, 6: dd, 4: b.fadd(db, dd)}, [ddtB]
+
+
+def _store_core_body(builder, v, s):
+    # arrays: du_row, ddt_row, ddtB_row, du, ddt, ddtB (the core's three gradients, as they are)
+    return {3: v[0], 4: v[1], 5: v[2]}, []
+
+
+def _mean_fix_body(builder, v, s):
+    # arrays: delta, bias, d_delta, db_row; scalars: sp, lo, hi, g (mean of d dtB over channels)
+    b = builder
+    delta, bias, dd, db = v
+    sp, lo, hi, g = s
+    x = b.fadd(delta, bias)
+    raw, _ = _step_size(b, x, sp, lo, hi)
+    add = b.fmul(g, _step_size_grad(b, x, raw, sp, lo, hi))
+    return {2: b.fadd(dd, add), 3: b.fadd(db, add)}, []
+
+
 def _forward_step_body(builder, v, s):
     # arrays: h, A, B, C; scalars: dt, dtB * u.  a = fexp(dt A); h = a h + (dtB u) B; y = sum C h
     h, A, B, C = v
@@ -314,11 +436,13 @@ def _forward_step_body(builder, v, s):
 
 
 def _recompute_step_body(builder, v, s):
-    # arrays: h_prev, h, a, A, B; scalars: dt, dtB * u
-    hp, _, _, A, B = v
+    # arrays: h_prev, h, a, A, B, C; scalars: dt, dtB * u.  The forward step again (same IR,
+    # same sums: the same bits), keeping a = A_bar and h, and returning y_core = sum C h
+    hp, _, _, A, B, C = v
     dtv, buv = s
     a = build_fexp(builder, builder.fmul(dtv, A))
-    return {1: builder.fadd(builder.fmul(a, hp), builder.fmul(buv, B)), 2: a}, []
+    h = builder.fadd(builder.fmul(a, hp), builder.fmul(buv, B))
+    return {1: h, 2: a}, [builder.fmul(C, h)]
 
 
 def _adjoint_step_body(builder, v, s):
@@ -338,29 +462,62 @@ def _adjoint_step_body(builder, v, s):
 
 
 # (each array argument below is an (array, offset) pair, see _loop_intrinsic)
+#: ``_stage_forward(delta, bias, src, u, dt_row, bu_row, sp, lo, hi, mean, arr, dt_mean, n)``:
+#: one time step's row of the prologue (``dt`` and ``dtB * u`` of ``n`` channels).
+_stage_forward = _loop_intrinsic("_stage_forward", 6, 6, _stage_forward_body, 0)
+#: ``_step_sum(delta, bias, sp, lo, hi, n) -> sum of dt`` over a row (the channel mean).
+_step_sum = _loop_intrinsic("_step_sum", 2, 3, _step_sum_body, 1)
+#: ``_store_forward(y_row, D, u, z, out, hasD, hasz, n)``: the epilogue of one row.
+_store_forward = _loop_intrinsic("_store_forward", 5, 2, _store_forward_body, 0)
+#: ``_stage_backward(delta, bias, src, u, z, d_out, <7 rows>, sp, lo, hi, mean, arr, dt_mean, n)``
+_stage_backward = _loop_intrinsic("_stage_backward", 13, 6, _stage_backward_body, 0)
+#: ``_store_backward(du_row, ddt_row, ddtB_row, df_row, db_row, du, d_delta, mean, n)
+#: -> sum of d dtB`` over the row.
+_store_backward = _loop_intrinsic("_store_backward", 7, 1, _store_backward_body, 1)
+#: ``_store_core(du_row, ddt_row, ddtB_row, du, ddt, ddtB, n)``
+_store_core = _loop_intrinsic("_store_core", 6, 0, _store_core_body, 0)
+#: ``_mean_fix(delta, bias, d_delta, db_row, sp, lo, hi, g, n)``: adds ``g * dt'(x)``.
+_mean_fix = _loop_intrinsic("_mean_fix", 4, 4, _mean_fix_body, 0)
 #: ``_forward_step(h, A_c, B_t, C_t, dt, dtB_u, N) -> y``: one forward step of one channel.
 _forward_step = _loop_intrinsic("_forward_step", 4, 2, _forward_step_body, 1)
-#: ``_recompute_step(h_prev, h, a, A_c, B_t, dt, dtB_u, N)``: fills ``a = A_bar``, ``h``.
-_recompute_step = _loop_intrinsic("_recompute_step", 5, 2, _recompute_step_body, 0)
+#: ``_recompute_step(h_prev, h, a, A_c, B_t, C_t, dt, dtB_u, N) -> y_core``: fills
+#: ``a = A_bar`` and ``h``.
+_recompute_step = _loop_intrinsic("_recompute_step", 6, 2, _recompute_step_body, 1)
 #: ``_adjoint_step(g, h_prev, a, h, A_c, B_t, C_t, dA_c, dB_row, dC_row, dy, dt, dtB_u, N)``
 #: ``-> (d dt, sum_n g_t B)``: one reverse step; updates ``g`` and accumulates
 #: ``dA_c``, ``dB_row``, ``dC_row`` (see ``_adjoint_step_body``).
 _adjoint_step = _loop_intrinsic("_adjoint_step", 10, 3, _adjoint_step_body, 2)
+
+# Run-time options of the kernels, one float array ``fl`` (the arrays' dtype):
+# softplus?, clip lo, clip hi, channel-mean dtB?, dtB given as an array?, D?, z?
+_SP, _LO, _HI, _MEAN, _ARR, _HAS_D, _HAS_Z = range(7)
 
 
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, cblk, y, h_last, ckpt):
-    """Fill ``y [batch, L, ch]``, ``h_last [batch, ch, N]``, ``ckpt [batch, nc, ch, N]``.
+def _step_mean_kernel(delta, bias, fl, dt_mean):
+    """``dt_mean[b, t] = mean_c dt[b, t, c]`` (Edifice's channel-mean step for ``B_bar``)."""
+    batch, L, ch = delta.shape
+    df = delta.reshape(-1)
+    for r in prange(batch * L):
+        s = _step_sum(df, r * ch, bias, 0, fl[_SP], fl[_LO], fl[_HI], ch)
+        dt_mean[r // L, r % L] = s / ch
+
+
+@njit(parallel=True, cache=True)
+def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk, cblk,
+                    out, h_last, ckpt):
+    """Fill ``out [batch, L, ch]``, ``h_last [batch, ch, N]``, ``ckpt [batch, nc, ch, N]``.
 
     One ``prange`` item = one batch row and a block of ``cblk`` consecutive
-    channels. Time goes chunk by chunk; a chunk's ``dt`` and ``dtB * u`` for the
-    block are first copied into small local ``[cblk, chunk]`` buffers (each
-    cache line of the ``[batch, L, channels]`` inputs is read once for the
-    whole block, as a short burst), then every channel of the block runs its
-    ``chunk`` steps from contiguous memory, and ``y`` goes out the same way.
+    channels. Time goes chunk by chunk. A chunk's rows of the block are first
+    staged, one vector call per time step, into small local ``[chunk, cblk]``
+    buffers: the prologue (``dt = clip(softplus(delta + bias))`` and
+    ``dtB * u``) runs there, on rows read once as short bursts. Then every
+    channel of the block runs its ``chunk`` steps from those buffers, and the
+    epilogue (``(y + D u) silu(z)``) writes the outputs back the same way.
     """
     batch, L, ch = u.shape
     N = A.shape[1]
@@ -370,6 +527,8 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, cblk, y, h_last, ckpt):
     cpgB = ch // GB
     cpgC = ch // GC
     nblk = (ch + cblk - 1) // cblk
+    sp, lo, hi, mmean, marr = fl[_SP], fl[_LO], fl[_HI], fl[_MEAN], fl[_ARR]
+    hasD, hasz = fl[_HAS_D], fl[_HAS_Z]
     for item in prange(batch * nblk):
         b = item // nblk
         c0 = (item - b * nblk) * cblk
@@ -377,9 +536,9 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, cblk, y, h_last, ckpt):
         bbB = b if bB > 1 else 0
         bbC = b if bC > 1 else 0
         H = np.empty((cblk, N), dtype=u.dtype)
-        dtS = np.empty((cblk, chunk), dtype=u.dtype)
-        buS = np.empty((cblk, chunk), dtype=u.dtype)
-        yS = np.empty((cblk, chunk), dtype=u.dtype)
+        dtS = np.empty(chunk * cblk, dtype=u.dtype)     # [chunk, cblk]: dt
+        buS = np.empty(chunk * cblk, dtype=u.dtype)     # dtB * u
+        yS = np.empty(chunk * cblk, dtype=u.dtype)      # C . h
         for cc in range(nb):
             H[cc, :] = h0[b, c0 + cc]
         Hf = H.reshape(-1)
@@ -387,9 +546,10 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, cblk, y, h_last, ckpt):
         Bf = B4.reshape(-1)
         Cf = C4.reshape(-1)
         uf = u.reshape(-1)
-        dtf = dt.reshape(-1)
-        dtBf = dtB.reshape(-1)
-        yf = y.reshape(-1)
+        deltaf = delta.reshape(-1)
+        srcf = src.reshape(-1)
+        zf = z.reshape(-1)
+        outf = out.reshape(-1)
         line = 64 // u.itemsize
         for j in range(nc):
             t0 = j * chunk
@@ -397,19 +557,22 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, cblk, y, h_last, ckpt):
             Tn = min(chunk, L - t0 - chunk) if j + 1 < nc else 0
             for cc in range(nb):
                 ckpt[b, j, c0 + cc, :] = H[cc]
-            for k in range(T):                      # stage the chunk's inputs
-                for cc in range(nb):
-                    dtS[cc, k] = dt[b, t0 + k, c0 + cc]
-                    buS[cc, k] = dtB[b, t0 + k, c0 + cc] * u[b, t0 + k, c0 + cc]
+            for k in range(T):                      # stage the chunk's inputs (prologue)
+                o = (b * L + t0 + k) * ch + c0
+                _stage_forward(deltaf, o, bias, c0, srcf, o, uf, o, dtS, k * cblk, buS, k * cblk,
+                               sp, lo, hi, mmean, marr, dt_mean[b, t0 + k], nb)
             for cc in range(nb):
                 if Tn > 0:                              # 1/nb of the next chunk's rows
                     r0 = (cc * Tn) // nb
                     r1 = ((cc + 1) * Tn) // nb
                     o = (b * L + t0 + chunk + r0) * ch + c0
                     _prefetch_rows(uf, o, ch, r1 - r0, nb, line)
-                    _prefetch_rows(dtf, o, ch, r1 - r0, nb, line)
-                    _prefetch_rows(dtBf, o, ch, r1 - r0, nb, line)
-                    _prefetch_rows(yf, o, ch, r1 - r0, nb, line)
+                    _prefetch_rows(deltaf, o, ch, r1 - r0, nb, line)
+                    _prefetch_rows(outf, o, ch, r1 - r0, nb, line)
+                    if hasz > 0:
+                        _prefetch_rows(zf, o, ch, r1 - r0, nb, line)
+                    if marr > 0:
+                        _prefetch_rows(srcf, o, ch, r1 - r0, nb, line)
                 c = c0 + cc
                 gB = c // cpgB
                 gC = c // cpgC
@@ -417,11 +580,11 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, cblk, y, h_last, ckpt):
                     t = t0 + k
                     oB = ((bbB * LB + (t if LB > 1 else 0)) * GB + gB) * N     # B4[bbB, t, gB]
                     oC = ((bbC * LC + (t if LC > 1 else 0)) * GC + gC) * N     # C4[bbC, t, gC]
-                    yS[cc, k] = _forward_step(Hf, cc * N, Af, c * N, Bf, oB, Cf, oC,
-                                              dtS[cc, k], buS[cc, k], N)
-            for k in range(T):                      # write the chunk's outputs
-                for cc in range(nb):
-                    y[b, t0 + k, c0 + cc] = yS[cc, k]
+                    i = k * cblk + cc
+                    yS[i] = _forward_step(Hf, cc * N, Af, c * N, Bf, oB, Cf, oC, dtS[i], buS[i], N)
+            for k in range(T):                      # write the chunk's outputs (epilogue)
+                o = (b * L + t0 + k) * ch + c0
+                _store_forward(yS, k * cblk, D, c0, uf, o, zf, o, outf, o, hasD, hasz, nb)
         for cc in range(nb):
             h_last[b, c0 + cc, :] = H[cc]
 
@@ -438,8 +601,84 @@ def _channel_block(batch, channels):
     return cblk
 
 
+def _options(dtype, softplus, clip, mean, arr, has_D, has_z):
+    lo, hi = clip if clip is not None else (-np.inf, np.inf)
+    return np.array([softplus, lo, hi, mean, arr, has_D, has_z], dtype=dtype)
+
+
+def fused_forward(u, delta, delta_bias, delta_softplus, delta_clip, delta_b_mean,
+                  A, B4, C4, D, z, h0):
+    """The whole selective scan in one pass: prologue, scan and epilogue fused.
+
+    Computes what :func:`refssm.ssm.selective_scan.selective_scan_forward`
+    computes around :func:`refssm.scan.numpy_seq.scan_core_forward`::
+
+        dt  = clip(softplus(delta + delta_bias), lo, hi)   (each step optional)
+        dtB = dt, or mean_c dt                              (delta_b_mean)
+        y   = scan(u, dt, dtB, A, B, C, h0)
+        out = (y + D u) * silu(z)                           (D, z optional)
+
+    without the ``[batch, seq_len, channels]`` temporaries (``dt``, ``y``):
+    only ``out``, ``h_last`` and the checkpoints are allocated (plus
+    ``dt_mean [batch, seq_len]`` for ``delta_b_mean``). The elementwise
+    functions are :func:`refssm.scan._fastexp.build_softplus` and
+    :func:`~refssm.scan._fastexp.build_sigmoid` (<= 3 ulp against the NumPy
+    forms, see that module).
+
+    Parameters
+    ----------
+    u, delta : ndarray ``[batch, seq_len, channels]``
+    delta_bias : ndarray ``[channels]`` or None
+    delta_softplus : bool
+    delta_clip : (float, float) or None
+    delta_b_mean : bool
+    A : ndarray ``[channels, state]``
+    B4, C4 : ndarray ``[bB, LB, G, state]``
+    D : ndarray ``[channels]`` or None
+    z : ndarray ``[batch, seq_len, channels]`` or None
+    h0 : ndarray ``[batch, channels, state]``
+        All of one float dtype, C-contiguous (as ``selective_scan_forward`` prepares them).
+
+    Returns
+    -------
+    out : ndarray ``[batch, seq_len, channels]``
+    h_last : ndarray ``[batch, channels, state]``
+    saved : NumbaSaved
+    """
+    fl = _options(u.dtype, delta_softplus, delta_clip, delta_b_mean, False, D is not None,
+                  z is not None)
+    return _forward(u, delta, delta_bias, None, fl, A, B4, C4, D, z, h0)
+
+
+def _forward(u, delta, bias, src, fl, A, B4, C4, D, z, h0):
+    u, delta, A, B4, C4, h0 = (np.ascontiguousarray(x) for x in (u, delta, A, B4, C4, h0))
+    batch, seq_len, channels = u.shape
+    dtype = u.dtype
+    N = A.shape[1]
+    bias = np.zeros(channels, dtype) if bias is None else np.ascontiguousarray(bias)
+    # stand-ins for absent operands: read (in bounds) but never used
+    src_ = delta if src is None else np.ascontiguousarray(src)
+    D_ = bias if D is None else np.ascontiguousarray(D)
+    z_ = u if z is None else np.ascontiguousarray(z)
+    dt_mean = np.zeros((batch, seq_len), dtype=dtype)
+    if fl[_MEAN] > 0:
+        _step_mean_kernel(delta, bias, fl, dt_mean)
+    chunk = CHUNK
+    nc = -(-seq_len // chunk)
+    out = np.empty_like(u)
+    h_last = np.empty_like(h0)
+    ckpt = np.empty((batch, nc, channels, N), dtype=dtype)
+    _forward_kernel(u, delta, bias, src_, dt_mean, D_, z_, fl, A, B4, C4, h0, chunk,
+                    _channel_block(batch, channels), out, h_last, ckpt)
+    saved = NumbaSaved(u, delta, bias, src_, dt_mean, D_, z_, fl, A, B4, C4, ckpt, chunk)
+    return out, h_last, saved
+
+
 def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     """Selective scan core, fused (same contract as :func:`refssm.scan.numpy_seq.scan_core_forward`).
+
+    The kernel of :func:`fused_forward` with an identity prologue (``dt`` as
+    given, ``dtB`` read from its array) and no epilogue.
 
     Parameters
     ----------
@@ -464,17 +703,8 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     >>> np.round(y[0, :, 0], 4)
     array([0.5   , 0.8033, 0.9872])
     """
-    u, dt, dtB, A, B4, C4, h0 = (np.ascontiguousarray(x) for x in (u, dt, dtB, A, B4, C4, h0))
-    batch, seq_len, channels = u.shape
-    N = A.shape[1]
-    chunk = CHUNK
-    nc = -(-seq_len // chunk)
-    y = np.empty_like(u)
-    h_last = np.empty_like(h0)
-    ckpt = np.empty((batch, nc, channels, N), dtype=u.dtype)
-    _forward_kernel(u, dt, dtB, A, B4, C4, h0, chunk, _channel_block(batch, channels),
-                    y, h_last, ckpt)
-    return y, h_last, NumbaSaved(u, dt, dtB, A, B4, C4, ckpt, chunk)
+    fl = _options(np.asarray(u).dtype, False, None, False, True, False, False)
+    return _forward(u, dt, None, dtB, fl, A, B4, C4, None, None, h0)
 
 
 # --------------------------------------------------------------------------
@@ -560,17 +790,19 @@ def _finish_acc(acc, plan: _AccPlan, shape4):
 # backward kernel
 # --------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bounds,
-                     baseB, strideB, accB, baseC, strideC, accC,
-                     du, ddt, ddtB, dA_rows, dh0):
-    """The reverse-time scan; see :func:`scan_core_backward`.
+def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, ckpt,
+                     chunk, cblk, bounds, baseB, strideB, accB, baseC, strideC, accC,
+                     du, ddelta, ddtB_out, dz, dA_rows, dh0, dD_rows, db_rows, gmean_part):
+    """The reverse-time scan with the epilogue's and prologue's backward; see :func:`fused_backward`.
 
     ``prange`` over partitions ``p``; partition ``p`` processes the items
     (batch row, block of ``cblk`` channels) ``bounds[p] <= item < bounds[p+1]``
     one after the other. Per item, chunks are walked in reverse; a chunk's
-    inputs for the block are staged into local ``[cblk, chunk]`` buffers, then
-    for each channel the chunk's ``A_bar`` and states are recomputed from its
-    checkpoint and the adjoint runs backwards through them.
+    rows for the block are staged (prologue recomputed: ``dt``, ``dtB``,
+    ``dt'(x)``; ``sigmoid(z)``) into local ``[chunk, cblk]`` buffers, then for
+    each channel the chunk's ``A_bar``, states and ``y_core = C . h`` are
+    recomputed from its checkpoint and the adjoint runs backwards through
+    them, starting each step with the epilogue's backward (``dy``, ``dz``).
     """
     batch, L, ch = u.shape
     N = A.shape[1]
@@ -581,21 +813,22 @@ def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bound
     cpgC = ch // GC
     nblk = (ch + cblk - 1) // cblk
     n_parts = bounds.shape[0] - 1
+    sp, lo, hi, mmean, marr = fl[_SP], fl[_LO], fl[_HI], fl[_MEAN], fl[_ARR]
+    hasD, hasz = fl[_HAS_D] > 0, fl[_HAS_Z] > 0
     for p in prange(n_parts):
         dtype = u.dtype
         hb = np.empty((chunk + 1, N), dtype=dtype)    # states: row k+1 = h[t0 + k]
         ab = np.empty((chunk, N), dtype=dtype)        # A_bar of the chunk
+        ycS = np.empty(chunk, dtype=dtype)            # y_core of one channel
         G = np.empty((cblk, N), dtype=dtype)          # adjoint states of the block
         dAl = np.empty((cblk, N), dtype=dtype)
         dBl = np.empty((cblk, N), dtype=dtype)        # constant B: local sums
         dCl = np.empty((cblk, N), dtype=dtype)
-        dtS = np.empty((cblk, chunk), dtype=dtype)
-        dtBS = np.empty((cblk, chunk), dtype=dtype)
-        uS = np.empty((cblk, chunk), dtype=dtype)
-        dyS = np.empty((cblk, chunk), dtype=dtype)
-        duS = np.empty((cblk, chunk), dtype=dtype)
-        ddtS = np.empty((cblk, chunk), dtype=dtype)
-        ddtBS = np.empty((cblk, chunk), dtype=dtype)
+        dDl = np.empty(cblk, dtype=dtype)
+        dbl = np.empty(cblk, dtype=dtype)
+        S = np.empty((13, chunk * cblk), dtype=dtype)  # staged rows, [chunk, cblk] each
+        dtS, dtBS, uS, zS, szS, doS, dfS, duS, ddtS, ddtBS, dzS = (
+            S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7], S[8], S[9], S[10])
         hbf = hb.reshape(-1)
         abf = ab.reshape(-1)
         Gf = G.reshape(-1)
@@ -608,13 +841,18 @@ def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bound
         accBf = accB.reshape(-1)
         accCf = accC.reshape(-1)
         uf = u.reshape(-1)
-        dtf = dt.reshape(-1)
-        dtBf = dtB.reshape(-1)
-        dyf = dy.reshape(-1)
+        deltaf = delta.reshape(-1)
+        srcf = src.reshape(-1)
+        zf = z.reshape(-1)
+        dof = dout.reshape(-1)
+        duf = du.reshape(-1)
+        ddf = ddelta.reshape(-1)
+        ddtBf = ddtB_out.reshape(-1)
         line = 64 // u.itemsize
         for item in range(bounds[p], bounds[p + 1]):
             b = item // nblk
-            c0 = (item - b * nblk) * cblk
+            blk = item - b * nblk
+            c0 = blk * cblk
             nb = min(cblk, ch - c0)
             bbB = b if bB > 1 else 0
             bbC = b if bC > 1 else 0
@@ -623,16 +861,18 @@ def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bound
             dAl[:] = 0
             dBl[:] = 0
             dCl[:] = 0
+            dDl[:] = 0
+            dbl[:] = 0
             for j in range(nc - 1, -1, -1):
                 t0 = j * chunk
                 T = min(chunk, L - t0)
                 Tp = chunk if j > 0 else 0              # rows of chunk j - 1
                 for k in range(T):                      # stage the chunk's inputs
-                    for cc in range(nb):
-                        dtS[cc, k] = dt[b, t0 + k, c0 + cc]
-                        dtBS[cc, k] = dtB[b, t0 + k, c0 + cc]
-                        uS[cc, k] = u[b, t0 + k, c0 + cc]
-                        dyS[cc, k] = dy[b, t0 + k, c0 + cc]
+                    o = (b * L + t0 + k) * ch + c0
+                    r = k * cblk
+                    _stage_backward(deltaf, o, bias, c0, srcf, o, uf, o, zf, o, dof, o,
+                                    dtS, r, dtBS, r, uS, r, zS, r, szS, r, doS, r, dfS, r,
+                                    sp, lo, hi, mmean, marr, dt_mean[b, t0 + k], nb)
                 for cc in range(nb):
                     c = c0 + cc
                     gB = c // cpgB
@@ -641,25 +881,41 @@ def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bound
                     sB = strideB[b * ch + c]
                     rC0 = baseC[b * ch + c]
                     sC = strideC[b * ch + c]
+                    Dc = D[c]
                     if Tp > 0:                          # prefetch 1/nb of chunk j - 1
                         r0 = (cc * Tp) // nb
                         o = (b * L + t0 - chunk + r0) * ch + c0
                         r = ((cc + 1) * Tp) // nb - r0
-                        _prefetch_rows(dtf, o, ch, r, nb, line)
-                        _prefetch_rows(dtBf, o, ch, r, nb, line)
+                        _prefetch_rows(deltaf, o, ch, r, nb, line)
                         _prefetch_rows(uf, o, ch, r, nb, line)
-                        _prefetch_rows(dyf, o, ch, r, nb, line)
-                    # --- recompute the chunk's A_bar and states from its checkpoint
+                        _prefetch_rows(dof, o, ch, r, nb, line)
+                        if hasz:
+                            _prefetch_rows(zf, o, ch, r, nb, line)
+                        if marr > 0:
+                            _prefetch_rows(srcf, o, ch, r, nb, line)
+                    # --- recompute the chunk's A_bar, states and y_core from its checkpoint
                     hb[0, :] = ckpt[b, j, c]
                     for k in range(T):
                         oB = ((bbB * LB + (t0 + k if LB > 1 else 0)) * GB + gB) * N
-                        _recompute_step(hbf, k * N, hbf, (k + 1) * N, abf, k * N, Af, c * N,
-                                        Bf, oB, dtS[cc, k], dtBS[cc, k] * uS[cc, k], N)
+                        oC = ((bbC * LC + (t0 + k if LC > 1 else 0)) * GC + gC) * N
+                        i = k * cblk + cc
+                        ycS[k] = _recompute_step(hbf, k * N, hbf, (k + 1) * N, abf, k * N,
+                                                 Af, c * N, Bf, oB, Cf, oC,
+                                                 dtS[i], dtBS[i] * uS[i], N)
                     # --- adjoint recurrence, backwards through the chunk
                     for k in range(T - 1, -1, -1):
                         t = t0 + k
-                        dtBv = dtBS[cc, k]
-                        uv = uS[cc, k]
+                        i = k * cblk + cc
+                        dtBv = dtBS[i]
+                        uv = uS[i]
+                        if hasz:                                # out = y silu(z)
+                            zv = zS[i]
+                            s = szS[i]
+                            y = ycS[k] + Dc * uv if hasD else ycS[k]
+                            dzS[i] = doS[i] * y * (s * (1.0 + zv * (1.0 - s)))
+                            dyv = doS[i] * (zv * s)
+                        else:
+                            dyv = doS[i]
                         oB = ((bbB * LB + (t if LB > 1 else 0)) * GB + gB) * N
                         oC = ((bbC * LC + (t if LC > 1 else 0)) * GC + gC) * N
                         if LB > 1:                              # dB row of time t
@@ -673,19 +929,33 @@ def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bound
                         sdt, sgb = _adjoint_step(Gf, cc * N, hbf, k * N, abf, k * N,
                                                  hbf, (k + 1) * N, Af, c * N, Bf, oB, Cf, oC,
                                                  dAlf, cc * N, rowB, oRB, rowC, oRC,
-                                                 dyS[cc, k], dtS[cc, k], dtBv * uv, N)
-                        ddtS[cc, k] = sdt                       # sum g h[t-1] A_bar A
-                        ddtBS[cc, k] = sgb * uv                 # sum g B u
-                        duS[cc, k] = sgb * dtBv                 # sum g dtB B
+                                                 dyv, dtS[i], dtBv * uv, N)
+                        ddtS[i] = sdt                           # sum g h[t-1] A_bar A
+                        ddtBS[i] = sgb * uv                     # sum g B u
+                        if hasD:                                # y = C . h + D u
+                            duS[i] = sgb * dtBv + dyv * Dc
+                            dDl[cc] += dyv * uv
+                        else:
+                            duS[i] = sgb * dtBv                 # sum g dtB B
                 for k in range(T):                      # write the chunk's outputs
-                    for cc in range(nb):
-                        du[b, t0 + k, c0 + cc] = duS[cc, k]
-                        ddt[b, t0 + k, c0 + cc] = ddtS[cc, k]
-                        ddtB[b, t0 + k, c0 + cc] = ddtBS[cc, k]
+                    o = (b * L + t0 + k) * ch + c0
+                    r = k * cblk
+                    if marr > 0:
+                        _store_core(duS, r, ddtS, r, ddtBS, r, duf, o, ddf, o, ddtBf, o, nb)
+                    else:
+                        g = _store_backward(duS, r, ddtS, r, ddtBS, r, dfS, r, dbl, 0,
+                                            duf, o, ddf, o, mmean, nb)
+                        if mmean > 0:
+                            gmean_part[b, blk, t0 + k] = g
+                    if hasz:
+                        for cc in range(nb):
+                            dz[b, t0 + k, c0 + cc] = dzS[r + cc]
             for cc in range(nb):
                 c = c0 + cc
                 dh0[b, c, :] = G[cc]
                 dA_rows[b, c, :] = dAl[cc]
+                dD_rows[b, c] = dDl[cc]
+                db_rows[b, c] = dbl[cc]
                 if LB == 1:
                     row = accB[baseB[b * ch + c]]
                     for n in range(N):
@@ -696,26 +966,36 @@ def _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bound
                         row[n] += dCl[cc, n]
 
 
-def scan_core_backward(dy, dh_last, saved: NumbaSaved):
-    """Backward of :func:`scan_core_forward` (same contract as the NumPy engine's).
+@njit(parallel=True, cache=True)
+def _mean_backward_kernel(delta, bias, fl, gmean, cblk, ddelta, db_rows):
+    """Add the channel mean's share: ``d_delta += gmean[b, t] * dt'(x)`` (and to ``db_rows``).
 
-    Parameters
-    ----------
-    dy : ndarray ``[batch, seq_len, channels]``
-    dh_last : ndarray ``[batch, channels, state]`` or None
-    saved : NumbaSaved
-
-    Returns
-    -------
-    dict
-        ``u, dt, dtB`` ``[batch, seq_len, channels]``; ``A`` ``[channels, state]``;
-        ``B4, C4`` ``[bB, LB, G, state]``; ``h0`` ``[batch, channels, state]``.
+    ``gmean[b, t] = mean_c d dtB[b, t, c]``: with ``dtB = mean_c dt`` every
+    channel's ``dt`` receives ``1/channels`` of the row's total ``d dtB``.
     """
-    u, dt, dtB, A, B4, C4, ckpt, chunk = saved
+    batch, L, ch = delta.shape
+    nblk = (ch + cblk - 1) // cblk
+    df = delta.reshape(-1)
+    ddf = ddelta.reshape(-1)
+    for item in prange(batch * nblk):
+        b = item // nblk
+        c0 = (item - b * nblk) * cblk
+        nb = min(cblk, ch - c0)
+        dbl = np.zeros(cblk, dtype=delta.dtype)
+        for t in range(L):
+            o = (b * L + t) * ch + c0
+            _mean_fix(df, o, bias, c0, ddf, o, dbl, 0, fl[_SP], fl[_LO], fl[_HI], gmean[b, t], nb)
+        for cc in range(nb):
+            db_rows[b, c0 + cc] += dbl[cc]
+
+
+def _backward(d_out, dh_last, saved: NumbaSaved):
+    """Run the backward kernel(s); every gradient, as arrays (see the two callers)."""
+    u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, ckpt, chunk = saved
     batch, seq_len, channels = u.shape
     N = A.shape[1]
     dtype = u.dtype
-    dy = np.ascontiguousarray(dy, dtype=dtype)
+    dout = np.ascontiguousarray(d_out, dtype=dtype)
     if dh_last is None:
         g_last = np.zeros((batch, channels, N), dtype=dtype)
     else:
@@ -733,14 +1013,67 @@ def scan_core_backward(dy, dh_last, saved: NumbaSaved):
     accB = np.zeros((planB.n_direct + planB.slot_bb.size * B4.shape[1], N), dtype=dtype)
     accC = np.zeros((planC.n_direct + planC.slot_bb.size * C4.shape[1], N), dtype=dtype)
     du = np.empty_like(u)
-    ddt = np.empty_like(u)
-    ddtB = np.empty_like(u)
+    ddelta = np.empty_like(u)
+    ddtB = np.empty_like(u) if fl[_ARR] > 0 else ddelta       # core API only
+    dz = np.empty_like(u) if fl[_HAS_Z] > 0 else du
+    gmean_part = np.zeros((batch, nblk, seq_len) if fl[_MEAN] > 0 else (1, 1, 1), dtype=dtype)
     dA_rows = np.empty((batch, channels, N), dtype=dtype)
     dh0 = np.empty((batch, channels, N), dtype=dtype)
-    _backward_kernel(dy, g_last, u, dt, dtB, A, B4, C4, ckpt, chunk, cblk, bounds,
-                     planB.base, planB.stride, accB, planC.base, planC.stride, accC,
-                     du, ddt, ddtB, dA_rows, dh0)
-    dA = dA_rows[0] if batch == 1 else dA_rows.sum(axis=0)
-    return {"u": du, "dt": ddt, "dtB": ddtB, "A": dA,
-            "B4": _finish_acc(accB, planB, B4.shape),
-            "C4": _finish_acc(accC, planC, C4.shape), "h0": dh0}
+    dD_rows = np.empty((batch, channels), dtype=dtype)
+    db_rows = np.empty((batch, channels), dtype=dtype)
+    _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, ckpt,
+                     chunk, cblk, bounds, planB.base, planB.stride, accB,
+                     planC.base, planC.stride, accC,
+                     du, ddelta, ddtB, dz, dA_rows, dh0, dD_rows, db_rows, gmean_part)
+    if fl[_MEAN] > 0:
+        gmean = gmean_part.sum(axis=1) / channels                # mean_c d dtB, [batch, L]
+        _mean_backward_kernel(delta, bias, fl, gmean, cblk, ddelta, db_rows)
+    rows_sum = (lambda r: r[0] if batch == 1 else r.sum(axis=0))  # noqa: E731
+    return dict(u=du, delta=ddelta, dtB=ddtB, z=dz, A=rows_sum(dA_rows),
+                B4=_finish_acc(accB, planB, B4.shape), C4=_finish_acc(accC, planC, C4.shape),
+                h0=dh0, D=rows_sum(dD_rows), delta_bias=rows_sum(db_rows))
+
+
+def fused_backward(d_out, dh_last, saved: NumbaSaved) -> dict:
+    """Backward of :func:`fused_forward`, fused the same way.
+
+    Parameters
+    ----------
+    d_out : ndarray ``[batch, seq_len, channels]``
+    dh_last : ndarray ``[batch, channels, state]`` or None
+    saved : NumbaSaved
+
+    Returns
+    -------
+    dict
+        ``u, delta, z`` ``[batch, seq_len, channels]`` (``z`` None without a
+        gate); ``A`` ``[channels, state]``; ``B4, C4`` ``[bB, LB, G, state]``;
+        ``h0`` ``[batch, channels, state]``; ``D``, ``delta_bias``
+        ``[channels]``, summed over batch and time (meaningless when the
+        forward had no ``D`` / ``delta_bias``: the caller drops them).
+    """
+    g = _backward(d_out, dh_last, saved)
+    del g["dtB"]
+    if not saved.fl[_HAS_Z] > 0:
+        g["z"] = None
+    return g
+
+
+def scan_core_backward(dy, dh_last, saved: NumbaSaved):
+    """Backward of :func:`scan_core_forward` (same contract as the NumPy engine's).
+
+    Parameters
+    ----------
+    dy : ndarray ``[batch, seq_len, channels]``
+    dh_last : ndarray ``[batch, channels, state]`` or None
+    saved : NumbaSaved
+
+    Returns
+    -------
+    dict
+        ``u, dt, dtB`` ``[batch, seq_len, channels]``; ``A`` ``[channels, state]``;
+        ``B4, C4`` ``[bB, LB, G, state]``; ``h0`` ``[batch, channels, state]``.
+    """
+    g = _backward(dy, dh_last, saved)
+    return {"u": g["u"], "dt": g["delta"], "dtB": g["dtB"], "A": g["A"], "B4": g["B4"],
+            "C4": g["C4"], "h0": g["h0"]}

@@ -26,13 +26,17 @@ Three engines compute the same core (``engine=``):
     :mod:`refssm.scan.numpy_seq`, the readable loop over time; the ground truth.
 ``"numba"``
     :mod:`refssm.scan.numba_seq`, fused sequential scan (discretisation on the
-    fly, never allocates ``[batch, seq_len, channels, state]``).
+    fly, never allocates ``[batch, seq_len, channels, state]``); it also fuses
+    the prologue and epilogue below into its kernels
+    (:func:`refssm.scan.numba_seq.fused_forward`), so no ``dt`` or ``y`` is
+    allocated either.
 ``"logdepth"``
     :mod:`refssm.scan.numba_logdepth`, Blelloch up-sweep/down-sweep over time.
 
 Every engine has ``*_forward`` returning the output and what it saves, and a
 ``*_backward`` taking that; :func:`selective_scan_forward` /
-:func:`selective_scan_backward` wrap them with the shared prologue/epilogue.
+:func:`selective_scan_backward` wrap them with the prologue/epilogue written
+here in NumPy (the numpy and logdepth engines) or fused (numba).
 
 dtype: the computation runs in float32 if every real input is float32, else
 in float64 (the oracle). The float32 error against float64 is measured in
@@ -170,12 +174,15 @@ class SelectiveScanSaved:
     ----------
     engine : str
     core : object
-        The engine's own saved values (see its ``scan_core_forward``).
-    delta_pre : ndarray ``[batch, seq_len, channels]``
+        The engine's own saved values (see its ``scan_core_forward``; for
+        ``"numba"``, :func:`refssm.scan.numba_seq.fused_forward`'s, which cover
+        the prologue and epilogue too: then ``delta_pre``, ``dt`` and
+        ``y_core`` are None, recomputed by its backward).
+    delta_pre : ndarray ``[batch, seq_len, channels]`` or None
         ``delta + delta_bias`` before softplus (needed for its derivative).
-    dt : ndarray ``[batch, seq_len, channels]``
+    dt : ndarray ``[batch, seq_len, channels]`` or None
         After softplus and clip (before the channel mean).
-    u, D, z, y_core : the epilogue's inputs (``y_core = C . h``).
+    u, D, z, y_core : the epilogue's inputs (``y_core = C . h``; or None).
     flags : dict
         ``delta_softplus, delta_clip, delta_b_mean, has_bias, B_kind, C_kind,
         B_shape, C_shape, state``.
@@ -295,6 +302,16 @@ def selective_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     (u, delta, A, B4, B_kind, B_shape, C4, C_kind, C_shape, D, z, delta_bias, h0,
      delta_clip) = _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_clip)
     batch, seq_len, channels = u.shape
+    flags = dict(delta_softplus=bool(delta_softplus), delta_clip=delta_clip,
+                 delta_b_mean=bool(delta_b_mean), has_bias=delta_bias is not None,
+                 B_kind=B_kind, C_kind=C_kind, B_shape=tuple(B_shape), C_shape=tuple(C_shape),
+                 state=A.shape[1])
+    if h0 is None:
+        h0 = np.zeros((batch, channels, A.shape[1]), dtype=u.dtype)
+    if engine == "numba":      # prologue, scan and epilogue in one fused kernel
+        out, last_state, core = mod.fused_forward(u, delta, delta_bias, delta_softplus,
+                                                  delta_clip, delta_b_mean, A, B4, C4, D, z, h0)
+        return out, last_state, SelectiveScanSaved(engine, core, None, None, u, D, z, None, flags)
     # --- prologue: the step size --------------------------------------------
     delta_pre = delta + delta_bias if delta_bias is not None else delta
     dt = softplus(delta_pre) if delta_softplus else delta_pre
@@ -302,17 +319,11 @@ def selective_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         dt = np.clip(dt, delta_clip[0], delta_clip[1])
     dtB = np.broadcast_to(dt.mean(axis=-1, keepdims=True), dt.shape) if delta_b_mean else dt
     dtB = np.ascontiguousarray(dtB)
-    if h0 is None:
-        h0 = np.zeros((batch, channels, A.shape[1]), dtype=u.dtype)
     # --- the core: discretise + scan + read out ------------------------------
     y_core, last_state, core = mod.scan_core_forward(u, dt, dtB, A, B4, C4, h0)
     # --- epilogue: skip and gate (eq. 2b's D term, Mamba's silu(z) branch) ---
     y = y_core + D * u if D is not None else y_core
     out = y * _silu(z) if z is not None else y
-    flags = dict(delta_softplus=bool(delta_softplus), delta_clip=delta_clip,
-                 delta_b_mean=bool(delta_b_mean), has_bias=delta_bias is not None,
-                 B_kind=B_kind, C_kind=C_kind, B_shape=tuple(B_shape), C_shape=tuple(C_shape),
-                 state=A.shape[1])
     saved = SelectiveScanSaved(engine, core, delta_pre, dt, u, D, z, y_core, flags)
     return out, last_state, saved
 
@@ -356,6 +367,13 @@ def selective_scan_backward(d_out, d_last_state, saved: SelectiveScanSaved) -> d
         check_shape(d_last_state, (u.shape[0], u.shape[2], f["state"]), "d_last_state",
                     "[batch, channels, state]")
         d_last_state = np.ascontiguousarray(d_last_state, dtype=u.dtype)
+    if saved.engine == "numba":    # the fused kernel's backward: all three parts in one
+        g = mod.fused_backward(d_out, d_last_state, saved.core)
+        return {"u": g["u"], "delta": g["delta"], "A": g["A"],
+                "B": g["B4"].reshape(f["B_shape"]), "C": g["C4"].reshape(f["C_shape"]),
+                "D": g["D"] if D is not None else None, "z": g["z"],
+                "delta_bias": g["delta_bias"] if f["has_bias"] else None,
+                "initial_state": g["h0"]}
     # --- epilogue backward ---------------------------------------------------
     if z is not None:
         y = y_core + D * u if D is not None else y_core
