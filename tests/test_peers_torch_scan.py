@@ -1,8 +1,9 @@
 """Manual backward of the selective scan against torch autograd (float64).
 
 The torch side is an independent transcription of the math of
-``selective_scan_ref`` (state-spaces/mamba) in refssm's layout, differentiated
-by autograd; budget <= 1e-10 (DESIGN.md section 4).
+``selective_scan_ref`` (state-spaces/mamba) in refssm's layout
+(:func:`refssm.verify.peers.torch_selective_scan`, shared with ``refssm
+verify``), differentiated by autograd; budget <= 1e-10 (DESIGN.md section 4).
 """
 from __future__ import annotations
 
@@ -11,35 +12,12 @@ import pytest
 
 from refssm.ssm.selective_scan import ENGINES, selective_scan_backward, selective_scan_forward
 from refssm.verify.metrics import BUDGETS, normwise_error
+from refssm.verify.peers import torch_selective_scan
 
 from _scan_cases import make_case
 from conftest import require_peer
 
 pytestmark = pytest.mark.peers
-
-
-def torch_selective_scan(torch, u, delta, A, B, C, D, z, delta_bias, h0, softplus,
-                         clip=None, b_mean=False):
-    """Literal loop, [batch, seq_len, channels]; B/C variable [b, L, N] or constant [ch, N]."""
-    dt = delta + delta_bias if delta_bias is not None else delta
-    if softplus:
-        dt = torch.logaddexp(torch.zeros_like(dt), dt)
-    if clip is not None:
-        dt = torch.clamp(dt, clip[0], clip[1])
-    dtB = dt.mean(dim=-1, keepdim=True).expand_as(dt) if b_mean else dt
-    h = h0
-    ys = []
-    for t in range(u.shape[1]):
-        Bt = B[:, t, None, :] if B.dim() == 3 else B[None]
-        Ct = C[:, t, None, :] if C.dim() == 3 else C[None]
-        h = torch.exp(dt[:, t, :, None] * A) * h + dtB[:, t, :, None] * Bt * u[:, t, :, None]
-        ys.append((h * Ct).sum(-1))
-    y = torch.stack(ys, dim=1)
-    if D is not None:
-        y = y + D * u
-    if z is not None:
-        y = y * torch.nn.functional.silu(z)
-    return y, h
 
 
 @pytest.mark.parametrize("engine", ENGINES)

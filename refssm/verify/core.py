@@ -19,7 +19,7 @@ from ..ssm.selective_scan import (
 from .metrics import BUDGETS, normwise_error
 
 __all__ = ["Figure", "check_discretization", "check_scan_engines", "check_scan_gradients",
-           "check_scan_chunking", "CORE_CHECKS"]
+           "check_scan_autograd", "check_scan_chunking", "CORE_CHECKS"]
 
 
 @dataclass
@@ -156,6 +156,42 @@ def check_scan_gradients(seed: int = 0, engine: str = "numpy") -> list[Figure]:
                  worst, BUDGETS["grad_fd"], "9 inputs x 3 random directions, relative")]
 
 
+def check_scan_autograd(seed: int = 0) -> list[Figure]:
+    """Every engine's manual backward vs torch autograd (when torch is installed).
+
+    torch differentiates :func:`refssm.verify.peers.torch_selective_scan`, a
+    transcription of the math written independently of refssm's engines.
+    Without torch the check reports nothing (``pip install -e .[peers]``).
+    """
+    try:
+        import torch
+    except ImportError:
+        return []
+    from .peers import torch_selective_scan
+
+    rng = np.random.default_rng(seed)
+    args = _scan_problem(rng, batch=2, seq_len=40, channels=6, state=4)
+    W = rng.standard_normal(args["u"].shape)
+    Wh = rng.standard_normal(args["initial_state"].shape)
+    figs = []
+    for preset, opts in (("mamba_ssm", dict(delta_softplus=True)),
+                         ("edifice", dict(delta_softplus=True, delta_clip=(0.01, 0.05),
+                                          delta_b_mean=True))):
+        t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in args.items()}
+        t_out, t_h = torch_selective_scan(
+            torch, t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
+            t["initial_state"], True, opts.get("delta_clip"), opts.get("delta_b_mean", False))
+        ((t_out * torch.tensor(W)).sum() + (t_h * torch.tensor(Wh)).sum()).backward()
+        for engine in ENGINES:
+            _, _, saved = selective_scan_forward(**args, **opts, engine=engine)
+            g = selective_scan_backward(W, Wh, saved)
+            worst = max(normwise_error(g[k], tv.grad.numpy()) for k, tv in t.items())
+            figs.append(_fig("core", preset, f"gradients: {engine} backward vs torch autograd",
+                             worst, BUDGETS["grad_autograd"],
+                             f"all 9 gradients, worst; torch {torch.__version__}"))
+    return figs
+
+
 def check_scan_chunking(seed: int = 0) -> list[Figure]:
     """Stepping one token at a time (carried state) equals one full call, every engine."""
     rng = np.random.default_rng(seed)
@@ -178,4 +214,4 @@ def check_scan_chunking(seed: int = 0) -> list[Figure]:
 
 
 CORE_CHECKS = (check_discretization, check_scan_engines, check_scan_gradients,
-               check_scan_chunking)
+               check_scan_autograd, check_scan_chunking)

@@ -505,6 +505,63 @@ def _check_engines(arch, mod, preset, c, rng):
     return figs
 
 
+def _check_backward(arch, mod, preset, c, rng):
+    """The whole-model manual backward vs central finite differences along random directions.
+
+    Loss ``<W, output>`` over the whole sequence. Two unit directions: one in
+    the input, one over the whole parameter tree at once; relative error
+    ``|<grad, V> - fd| / |fd|`` with step ``1e-4`` along the unit direction
+    (truncation and round-off both near 1e-9 here). Also every other scan
+    engine's backward against the NumPy engine's (normwise).
+    """
+    if not (hasattr(mod, "forward_with_saved") and hasattr(mod, "backward")):
+        return []
+    params = mod.random_params(c, seed=3)
+    x = rng.standard_normal((2, SEQ_LEN, c.embed_dim))
+    res, saved = mod.forward_with_saved(params, x, c, return_sequence=True)
+    W = rng.standard_normal(res.output.shape)
+    g = mod.backward(W, saved)
+
+    def loss(p, x_):
+        return float(np.sum(W * mod.forward(p, x_, c, return_sequence=True).output))
+
+    eps = 1e-4
+    Vx = rng.standard_normal(x.shape)
+    Vx /= np.linalg.norm(Vx)
+    Vp = {layer: {k: rng.standard_normal(np.shape(v)) for k, v in p.items()}
+          for layer, p in params.items()}
+    norm = np.sqrt(sum(float(np.sum(v * v)) for p in Vp.values() for v in p.values()))
+    Vp = {layer: {k: v / norm for k, v in p.items()} for layer, p in Vp.items()}
+
+    def shifted(s):
+        return {layer: {k: v + s * Vp[layer][k] for k, v in p.items()}
+                for layer, p in params.items()}
+
+    pairs = [(float(np.sum(g.x * Vx)),
+              (loss(params, x + eps * Vx) - loss(params, x - eps * Vx)) / (2 * eps)),
+             (sum(float(np.sum(g.params[layer][k] * Vp[layer][k]))
+                  for layer in params for k in params[layer]),
+              (loss(shifted(eps), x) - loss(shifted(-eps), x)) / (2 * eps))]
+    worst = max(abs(an - fd) / max(abs(fd), 1e-300) for an, fd in pairs)
+    figs = [_fig(arch, preset, "model backward vs finite differences", worst,
+                 BUDGETS["grad_fd"], f"<W, output>; one unit direction in x, one over all "
+                 f"parameters; relative; seq_len {SEQ_LEN}")]
+    for engine in ("numba", "logdepth"):
+        try:
+            _, s_e = mod.forward_with_saved(params, x, c, return_sequence=True, engine=engine)
+        except ValueError as exc:   # an architecture may not offer every engine
+            if "engine" in str(exc):
+                continue
+            raise
+        g_e = mod.backward(W, s_e)
+        err = max([normwise_error(g_e.x, g.x)]
+                  + [normwise_error(g_e.params[layer][k], g.params[layer][k])
+                     for layer in params for k in params[layer]])
+        figs.append(_fig(arch, preset, f"model backward: {engine} engine vs numpy", err,
+                         BUDGETS["scan"], "dx and every parameter gradient, worst"))
+    return figs
+
+
 def model_checks(seed: int = 0):
     """One check function per available architecture, for :func:`run_checks`."""
     checks = []
@@ -518,6 +575,7 @@ def model_checks(seed: int = 0):
                 if getattr(c, "scan_mode", "causal") == "causal":
                     figs += _check_step_vs_full(arch, mod, preset, c, rng)
                 figs += _check_engines(arch, mod, preset, c, rng)
+                figs += _check_backward(arch, mod, preset, c, rng)
             return figs
         check.__name__ = f"check_{arch}"
         checks.append(check)
