@@ -62,6 +62,14 @@ which cannot hold its own state). :func:`forward` takes and returns it, so
 chunks equal one call; :func:`step` advances it one frame with the same
 numbers as the full forward (``tests/test_s5_model.py``). A bidirectional SSM
 is not causal: it has no carried state and cannot be stepped.
+
+Manual backward (llm.c-style, as :mod:`refssm.models.mamba`):
+:func:`forward_with_saved` runs the same layer functions as :func:`forward`
+(``*_forward_with_saved``; :func:`forward` is the same computation without the
+saved values) and :func:`backward` runs their ``*_backward`` in reverse, giving
+the gradients of ``x``, of every parameter (real, in the tree's layout) and of
+the carried state (complex ``dL/dRe(h) + i dL/dIm(h)`` for ``s5``), for every
+engine (``tests/test_s5_backward.py``).
 """
 from __future__ import annotations
 
@@ -74,13 +82,15 @@ import scipy.special
 
 from .._validate import as_float_array
 from ..ops.activations import silu_backward, silu_forward
-from ..ops.dense import dense_backward, dense_forward
-from ..ops.dropout import dropout_forward
-from ..ops.norms import layer_norm_forward
+from ..ops.dense import DenseSaved, dense_backward, dense_forward
+from ..ops.dropout import DropoutSaved, dropout_backward, dropout_forward
+from ..ops.norms import LayerNormSaved, layer_norm_backward, layer_norm_forward
 from ..ssm import s5 as core
-from ..ssm.selective_scan import selective_scan_forward
-from ._common import (_bool, _choice, _positive_int, _rng, check_params, count_params,
-                      glorot_uniform)
+from ..ssm.selective_scan import (SelectiveScanSaved, selective_scan_backward,
+                                  selective_scan_forward)
+from ._common import (_bool, _choice, _merge_grads, _positive_int, _rng, check_params,
+                      count_params, dense_layer_backward, dense_layer_forward, glorot_uniform,
+                      grad_tree)
 
 __all__ = [
     "S5Config", "PRESETS", "FLAGS", "S5Cache", "S5Output", "S5Model",
@@ -91,6 +101,14 @@ __all__ = [
     "original_param_count", "original_param_count_terms", "param_shapes",
     "recommended_defaults", "as_config",
     "EDIFICE_DT",
+    # manual backward (llm.c-style)
+    "forward_with_saved", "backward", "S5ModelSaved", "S5Grads",
+    "s5_block_forward_with_saved", "s5_block_backward", "S5BlockSaved",
+    "mimo_ssm_forward_with_saved", "mimo_ssm_backward", "MimoSsmSaved",
+    "ffn_forward_with_saved", "ffn_backward", "FfnSaved",
+    "norm_forward", "norm_backward", "s5_core_forward", "s5_core_backward",
+    "edifice_ssm_forward", "edifice_ssm_backward", "EdificeSsmSaved",
+    "activation_forward", "activation_backward",
 ]
 
 # ---------------------------------------------------------------------------
@@ -728,6 +746,14 @@ class S5Model:
     def forward(self, x, **kwargs) -> "S5Output":
         return forward(self.params, x, self.config, **kwargs)
 
+    def forward_with_saved(self, x, **kwargs):
+        """:func:`forward_with_saved` with this model's parameters and config."""
+        return forward_with_saved(self.params, x, self.config, **kwargs)
+
+    def backward(self, d_out, saved, **kwargs) -> "S5Grads":
+        """:func:`backward` (the parameters are in ``saved``)."""
+        return backward(d_out, saved, **kwargs)
+
     def init_cache(self, batch_size: int = 1) -> "S5Cache":
         return init_cache(self.config, batch_size)
 
@@ -883,18 +909,18 @@ def _check_cache(cache, c: S5Config, batch: int) -> S5Cache:
     return S5Cache(h.astype(np.complex128 if c.ssm == "s5" else np.float64))
 
 
-def _layer_norm(p: dict, x: np.ndarray, c: S5Config) -> np.ndarray:
-    return layer_norm_forward(x, p["gamma"], p["beta"], c.norm_eps)[0]
-
-
 def _dense(p: dict, x: np.ndarray) -> np.ndarray:
+    """``x @ kernel + bias`` of one dense layer's dict (the step's frame-by-frame path)."""
     return dense_forward(x, p["kernel"], p.get("bias"))[0]
 
 
+def _layer_norm(p: dict, x: np.ndarray, c: S5Config) -> np.ndarray:
+    """LayerNorm with one norm layer's dict (the step's frame-by-frame path)."""
+    return layer_norm_forward(x, p["gamma"], p["beta"], c.norm_eps)[0]
+
+
 def _activation(y: np.ndarray, c: S5Config) -> np.ndarray:
-    if c.activation == "none":
-        return y
-    return gelu_forward(y, approximate=(c.activation == "gelu_tanh"))[0]
+    return activation_forward(y, c)[0]
 
 
 def _edifice_A(c: S5Config) -> np.ndarray:
@@ -910,9 +936,634 @@ def _ssm_engine_ok(c: S5Config, engine: str):
         raise ValueError(f"engine: expected one of {allowed}{why}, got {engine!r}")
 
 
+# ---------------------------------------------------------------------------
+# The layers, each forward with its manual backward (llm.c-style; DESIGN.md
+# section 3, "Manual backprop"). The model's forward runs these same
+# functions, so the backward differentiates exactly what forward computes.
+# ---------------------------------------------------------------------------
+#
+# Notation of block i, with H = hidden, N = state_size, Ps stored states,
+# F = ffn_inner, L = seq_len:
+#
+#   SSM sub-layer (name = s5_block_{i}_ssm), mimo_ssm_forward_with_saved:
+#     u   = LayerNorm(x)                        norm_forward            [b, L, H]
+#     y   = SSM(u; h0)                          s5_core_forward          [b, L, H]
+#                                               (edifice: edifice_ssm_forward)
+#     a   = act(y)                              activation_forward       [b, L, H]
+#     x'  = x + dropout(a)                      (training only)          [b, L, H]
+#   FFN sub-layer (name = s5_block_{i}_ffn), ffn_forward_with_saved:
+#     v   = LayerNorm(x')                       norm_forward             [b, L, H]
+#     f   = SwiGLU(v)                           swiglu_forward           [b, L, H] (inner F)
+#     out = x' + dropout(f)                                              [b, L, H]
+#
+# Every ``*_backward`` takes the gradient of its forward's outputs and the
+# forward's saved values and returns the gradient of its inputs and a
+# *fragment* ``{layer: {name: grad}}`` of the parameter-gradient tree (the
+# layer names of ``params``); :func:`backward` merges them. Saved values are
+# references to arrays the forward computes anyway (the ops' own ``*Saved``
+# tuples), not copies. The sub-layers include their residual, so their
+# backwards return ``dx = d_out + d(branch)/dx``.
+#
+# Complex values (the ``s5`` state) follow the SSM core's convention: the
+# gradient of a complex ``z`` is ``dL/dRe(z) + i dL/dIm(z)``.
+
+def norm_forward(params: dict, x: np.ndarray, config, name: str):
+    """``u = LayerNorm(x)`` over ``hidden`` (``gamma``, ``beta``, epsilon ``config.norm_eps``).
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``params[name]`` (``s5_block_{i}_ssm_norm``, ``s5_block_{i}_ffn_norm``
+        or ``final_norm``).
+    x : ndarray ``[..., hidden]``
+    config : S5Config
+    name : str
+
+    Returns
+    -------
+    u : ndarray ``[..., hidden]``
+    saved : LayerNormSaved
+        ``x_hat``, ``rstd``, ``gamma``.
+
+    Examples
+    --------
+    >>> c = S5Config(embed_dim=4, hidden_size=4, state_size=2, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    >>> u, s = norm_forward(p, x, c, "final_norm")
+    >>> dx, frag = norm_backward(np.ones_like(u), s, "final_norm")
+    >>> dx.shape, sorted(frag["final_norm"])
+    ((2, 3, 4), ['beta', 'gamma'])
+    """
+    c = as_config(config)
+    p = params[name]
+    return layer_norm_forward(x, p["gamma"], p["beta"], c.norm_eps)
+
+
+def norm_backward(du: np.ndarray, saved: LayerNormSaved, name: str):
+    """Backward of :func:`norm_forward`.
+
+    With ``g = du * gamma``: ``dx = rstd (g - mean(g) - x_hat mean(g x_hat))``,
+    ``d gamma = sum du x_hat``, ``d beta = sum du`` (sums over the leading axes).
+
+    Parameters
+    ----------
+    du : ndarray ``[..., hidden]``
+    saved : LayerNormSaved
+    name : str
+
+    Returns
+    -------
+    dx : ndarray ``[..., hidden]``
+    fragment : dict
+        ``{name: {"gamma": [hidden], "beta": [hidden]}}``.
+
+    Examples
+    --------
+    See :func:`norm_forward`.
+    """
+    g = layer_norm_backward(du, saved)
+    return g["x"], {name: {"gamma": g["gamma"], "beta": g["beta"]}}
+
+
+def s5_core_forward(params: dict, u: np.ndarray, config, name: str,
+                    h0: Optional[np.ndarray] = None, *, engine: str = "numpy"):
+    """``y = SSM(u)``: the paper's S5 SSM of the layer ``{name}_ssm`` (``s5`` preset).
+
+    :func:`refssm.ssm.s5.s5_ssm_forward` with the config's options::
+
+        Lambda_bar = exp(Lambda Delta),  B_bar = (Lambda_bar - 1) / Lambda B_tilde   (ZOH)
+        h_k = Lambda_bar * h_{k-1} + B_bar u_k                             [b, Ps] complex
+        y_k = Re(C_tilde h_k) (x2 with conj_sym) + D * u_k                  [b, H]
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``params[f"{name}_ssm"]``: ``Lambda_re, Lambda_im [Ps]``,
+        ``B [Ps, H, 2]``, ``C [H, Ps, 2]`` (``C1``, ``C2`` bidirectional),
+        ``D [H]``, ``log_step [Ps]``.
+    u : ndarray ``[batch, seq_len, H]``
+    config : S5Config
+    name : str
+        ``s5_block_{i}_ssm``.
+    h0 : ndarray ``[batch, Ps]`` complex, optional
+        State before the first frame (zeros if omitted).
+    engine : {"numpy", "numba", "logdepth", "fft", "fft_dense"}
+
+    Returns
+    -------
+    y : ndarray ``[batch, seq_len, H]``
+    h_last : ndarray ``[batch, Ps]`` complex, or None
+        The state after the last frame (None if bidirectional).
+    saved : refssm.ssm.s5.S5Saved
+
+    Examples
+    --------
+    >>> c = S5Config(embed_dim=4, hidden_size=4, state_size=4, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> u = np.random.default_rng(0).standard_normal((2, 5, 4))
+    >>> y, h, s = s5_core_forward(p, u, c, "s5_block_1_ssm")
+    >>> du, dh0, frag = s5_core_backward(np.ones_like(y), None, s, "s5_block_1_ssm")
+    >>> y.shape, h.shape, du.shape, dh0.dtype
+    ((2, 5, 4), (2, 2), (2, 5, 4), dtype('complex128'))
+    >>> sorted(frag["s5_block_1_ssm_ssm"])
+    ['B', 'C', 'D', 'Lambda_im', 'Lambda_re', 'log_step']
+    """
+    c = as_config(config)
+    y, h_last, saved = core.s5_ssm_forward(
+        params[f"{name}_ssm"], u, discretization=c.discretization, conj_sym=c.conj_sym,
+        bidirectional=c.bidirectional, clip_eigs=c.clip_eigs, step_rescale=c.step_rescale,
+        initial_state=h0, engine=engine)
+    return y, (None if c.bidirectional else h_last), saved
+
+
+def s5_core_backward(dy: np.ndarray, d_h_last: Optional[np.ndarray], saved, name: str):
+    """Backward of :func:`s5_core_forward`: :func:`refssm.ssm.s5.s5_ssm_backward`.
+
+    The reverse-time scan of the forward's engine, then the discretisation
+    and the parameterisation (``d log_step = d Delta * Delta``, ``d Lambda_re``
+    zero where clipped, ``B``, ``C`` as ``[..., (re, im)]``).
+
+    Parameters
+    ----------
+    dy : ndarray ``[batch, seq_len, H]``
+    d_h_last : ndarray ``[batch, Ps]`` complex, or None
+        ``dL/dRe(h_last) + i dL/dIm(h_last)`` (None: zero).
+    saved : refssm.ssm.s5.S5Saved
+    name : str
+        ``s5_block_{i}_ssm``.
+
+    Returns
+    -------
+    du : ndarray ``[batch, seq_len, H]``
+    d_h0 : ndarray ``[batch, Ps]`` complex, or None
+        Gradient of the incoming state (None if bidirectional: it has none).
+    fragment : dict
+        ``{f"{name}_ssm": {Lambda_re, Lambda_im, B, C (or C1, C2), D, log_step}}``,
+        real, in the parameters' shapes.
+
+    Examples
+    --------
+    See :func:`s5_core_forward`.
+    """
+    g = core.s5_ssm_backward(dy, d_h_last, saved)
+    grads = {k: v for k, v in g.items() if k not in ("u", "initial_state")}
+    d_h0 = None if saved.flags["bidirectional"] else g["initial_state"]
+    return g["u"], d_h0, {f"{name}_ssm": grads}
+
+
+class EdificeSsmSaved(NamedTuple):
+    """Saved by :func:`edifice_ssm_forward`.
+
+    Attributes
+    ----------
+    b_proj, c_proj, d_proj : DenseSaved
+        ``u [b, L, H] -> B, C [b, L, N]`` and ``-> d [b, L, H]``.
+    scan : SelectiveScanSaved
+        The selective scan's own saved values.
+    """
+
+    b_proj: DenseSaved
+    c_proj: DenseSaved
+    d_proj: DenseSaved
+    scan: SelectiveScanSaved
+
+
+def edifice_ssm_forward(params: dict, u: np.ndarray, config, name: str,
+                        h0: Optional[np.ndarray] = None, *, engine: str = "numpy"):
+    """``y = SSM(u)``: Edifice's input-projected SSM (``edifice`` preset)::
+
+        B_t = b_proj(u_t),  C_t = c_proj(u_t)          [b, L, N]
+        d_t = d_proj(u_t)                              [b, L, H]
+        h_t[c, n] = exp(0.1 A_n) h_{t-1}[c, n] + 0.1 B_t[n] u_t[c]      A = -(1..N)/N
+        y_t[c]    = sum_n C_t[n] h_t[c, n] + d_t[c]
+
+    (the recurrence by :func:`refssm.ssm.selective_scan.selective_scan_forward`).
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``{name}_b_proj``, ``{name}_c_proj`` (``kernel [H, N]``,
+        ``bias [N]``) and ``{name}_d_proj`` (``kernel [H, H]``, ``bias [H]``).
+    u : ndarray ``[batch, seq_len, H]``
+    config : S5Config
+    name : str
+        ``s5_block_{i}_ssm``.
+    h0 : ndarray ``[batch, H, N]``, optional
+        State before the first frame (zeros if omitted).
+    engine : {"numpy", "numba", "logdepth"}
+
+    Returns
+    -------
+    y : ndarray ``[batch, seq_len, H]``
+    h_last : ndarray ``[batch, H, N]``
+    saved : EdificeSsmSaved
+
+    Examples
+    --------
+    >>> c = S5Config(embed_dim=4, hidden_size=4, state_size=3, num_layers=1, preset="edifice")
+    >>> p = random_params(c, seed=0)
+    >>> u = np.random.default_rng(0).standard_normal((2, 5, 4))
+    >>> y, h, s = edifice_ssm_forward(p, u, c, "s5_block_1_ssm")
+    >>> du, dh0, frag = edifice_ssm_backward(np.ones_like(y), None, s, "s5_block_1_ssm")
+    >>> y.shape, h.shape, du.shape, dh0.shape
+    ((2, 5, 4), (2, 4, 3), (2, 5, 4), (2, 4, 3))
+    >>> sorted(frag)
+    ['s5_block_1_ssm_b_proj', 's5_block_1_ssm_c_proj', 's5_block_1_ssm_d_proj']
+    """
+    c = as_config(config)
+    B, s_b = dense_layer_forward(params, u, f"{name}_b_proj")             # [batch, L, N]
+    C, s_c = dense_layer_forward(params, u, f"{name}_c_proj")             # [batch, L, N]
+    d, s_d = dense_layer_forward(params, u, f"{name}_d_proj")             # [batch, L, H]
+    delta = np.full(u.shape, EDIFICE_DT)
+    y, h_last, s_scan = selective_scan_forward(u, delta, _edifice_A(c), B, C,
+                                               initial_state=h0, engine=engine)
+    return y + d, h_last, EdificeSsmSaved(s_b, s_c, s_d, s_scan)
+
+
+def edifice_ssm_backward(dy: np.ndarray, d_h_last: Optional[np.ndarray],
+                         saved: EdificeSsmSaved, name: str):
+    """Backward of :func:`edifice_ssm_forward`.
+
+    The scan's reverse-time backward gives ``du`` (through the recurrence),
+    ``dB``, ``dC`` and ``d h0``; ``A`` and the step are fixed (their
+    gradients are dropped). ``u`` feeds the scan and the three projections,
+    so ``du`` is the sum of the four; ``d d = dy``.
+
+    Parameters
+    ----------
+    dy : ndarray ``[batch, seq_len, H]``
+    d_h_last : ndarray ``[batch, H, N]`` or None
+        Gradient of the returned state (None: zero).
+    saved : EdificeSsmSaved
+    name : str
+        ``s5_block_{i}_ssm``.
+
+    Returns
+    -------
+    du : ndarray ``[batch, seq_len, H]``
+    d_h0 : ndarray ``[batch, H, N]``
+    fragment : dict
+        ``{name}_b_proj``, ``{name}_c_proj``, ``{name}_d_proj``: ``{"kernel", "bias"}``.
+
+    Examples
+    --------
+    See :func:`edifice_ssm_forward`.
+    """
+    g = selective_scan_backward(dy, d_h_last, saved.scan)
+    frag = {}
+    du_b, f = dense_layer_backward(g["B"], saved.b_proj, f"{name}_b_proj")
+    _merge_grads(frag, f)
+    du_c, f = dense_layer_backward(g["C"], saved.c_proj, f"{name}_c_proj")
+    _merge_grads(frag, f)
+    du_d, f = dense_layer_backward(dy, saved.d_proj, f"{name}_d_proj")
+    _merge_grads(frag, f)
+    return g["u"] + du_b + du_c + du_d, g["initial_state"], frag
+
+
+def activation_forward(y: np.ndarray, config):
+    """``a = act(y)`` after the SSM: GELU (erf), its tanh form, or none (``config.activation``).
+
+    Parameters
+    ----------
+    y : ndarray ``[...]``
+    config : S5Config
+
+    Returns
+    -------
+    a : ndarray ``[...]``
+    saved : GeluSaved or None
+        None for ``activation="none"`` (the identity).
+
+    Examples
+    --------
+    >>> a, s = activation_forward(np.array([0.0, 1.0]), S5Config(embed_dim=1))
+    >>> activation_backward(np.ones(2), s)
+    array([0.5       , 1.08331547])
+    """
+    c = as_config(config)
+    if c.activation == "none":
+        return y, None
+    return gelu_forward(y, approximate=(c.activation == "gelu_tanh"))
+
+
+def activation_backward(da: np.ndarray, saved: Optional[GeluSaved]) -> np.ndarray:
+    """Backward of :func:`activation_forward`: ``dy = da * act'(y)`` (``[...]``).
+
+    Examples
+    --------
+    See :func:`activation_forward`.
+    """
+    return da if saved is None else gelu_backward(da, saved)["x"]
+
+
+def _dropout(y: np.ndarray, c: S5Config, rng):
+    """``dropout(y)`` at ``config.dropout`` when ``rng`` is given (training), else ``y``."""
+    if rng is None:
+        return y, None
+    return dropout_forward(y, c.dropout, training=True, rng=rng)
+
+
+def _dropout_backward(dy: np.ndarray, saved: Optional[DropoutSaved]) -> np.ndarray:
+    return dy if saved is None else dropout_backward(dy, saved)["x"]
+
+
+class MimoSsmSaved(NamedTuple):
+    """Saved by :func:`mimo_ssm_forward_with_saved`, by equation.
+
+    Attributes
+    ----------
+    name : str
+        ``s5_block_{i}_ssm``.
+    norm : LayerNormSaved
+        ``u = LayerNorm(x)``.
+    ssm : refssm.ssm.s5.S5Saved or EdificeSsmSaved
+        ``y = SSM(u)``.
+    activation : GeluSaved or None
+        ``a = act(y)``.
+    dropout : DropoutSaved or None
+        ``dropout(a)`` (None when no dropout was applied); ``scale`` is the
+        mask divided by ``1 - rate``.
+    """
+
+    name: str
+    norm: LayerNormSaved
+    ssm: object
+    activation: Optional[GeluSaved]
+    dropout: Optional[DropoutSaved]
+
+
+def mimo_ssm_forward_with_saved(params: dict, x: np.ndarray, config, name: str, h0=None, *,
+                                engine: str = "numpy", rng=None):
+    """:func:`mimo_ssm_forward` that also returns what :func:`mimo_ssm_backward` needs.
+
+    ``out = x + dropout(act(SSM(LayerNorm(x))))``.
+
+    Parameters
+    ----------
+    params : dict
+    x : ndarray ``[batch, seq_len, H]``
+    config : S5Config
+    name : str
+        ``s5_block_{i}_ssm``.
+    h0 : ndarray, optional
+        ``[batch, Ps]`` complex (``s5``) or ``[batch, H, N]`` (``edifice``).
+    engine : str
+    rng : numpy Generator, optional
+        Dropout source (training); None: no dropout.
+
+    Returns
+    -------
+    out : ndarray ``[batch, seq_len, H]``
+    h_last : ndarray or None
+        The SSM state after the last frame (None if bidirectional).
+    saved : MimoSsmSaved
+
+    Examples
+    --------
+    >>> c = S5Config(embed_dim=4, hidden_size=4, state_size=4, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    >>> out, h, s = mimo_ssm_forward_with_saved(p, x, c, "s5_block_1_ssm")
+    >>> dx, dh0, frag = mimo_ssm_backward(np.ones_like(out), None, s, c)
+    >>> dx.shape, dh0.shape, sorted(frag)
+    ((2, 3, 4), (2, 2), ['s5_block_1_ssm_norm', 's5_block_1_ssm_ssm'])
+    """
+    c = as_config(config)
+    u, s_norm = norm_forward(params, x, c, f"{name}_norm")               # [batch, L, H]
+    if c.ssm == "s5":
+        y, h_last, s_ssm = s5_core_forward(params, u, c, name, h0, engine=engine)
+    else:
+        y, h_last, s_ssm = edifice_ssm_forward(params, u, c, name, h0, engine=engine)
+    a, s_act = activation_forward(y, c)
+    r, s_drop = _dropout(a, c, rng)
+    return x + r, h_last, MimoSsmSaved(name, s_norm, s_ssm, s_act, s_drop)
+
+
+def mimo_ssm_backward(d_out: np.ndarray, d_h_last: Optional[np.ndarray], saved: MimoSsmSaved,
+                      config):
+    """Backward of :func:`mimo_ssm_forward_with_saved`, the equations in reverse order.
+
+    Dropout (the saved mask), the activation, the SSM, the LayerNorm; the
+    residual adds ``d_out`` to ``dx``.
+
+    Parameters
+    ----------
+    d_out : ndarray ``[batch, seq_len, H]``
+    d_h_last : ndarray or None
+        Gradient of the returned state (None: zero); complex for ``s5``.
+    saved : MimoSsmSaved
+    config : S5Config
+
+    Returns
+    -------
+    dx : ndarray ``[batch, seq_len, H]``
+        Gradient of the sub-layer's input, residual included.
+    d_h0 : ndarray or None
+        Gradient of the incoming state (None if bidirectional).
+    fragment : dict
+        ``{name}_norm`` and the SSM's layers.
+
+    Examples
+    --------
+    See :func:`mimo_ssm_forward_with_saved`.
+    """
+    c = as_config(config)
+    name = saved.name
+    da = _dropout_backward(d_out, saved.dropout)
+    dy = activation_backward(da, saved.activation)
+    if c.ssm == "s5":
+        du, d_h0, frag = s5_core_backward(dy, d_h_last, saved.ssm, name)
+    else:
+        du, d_h0, frag = edifice_ssm_backward(dy, d_h_last, saved.ssm, name)
+    dx, g = norm_backward(du, saved.norm, f"{name}_norm")
+    _merge_grads(frag, g)
+    return d_out + dx, d_h0, frag
+
+
+class FfnSaved(NamedTuple):
+    """Saved by :func:`ffn_forward_with_saved`.
+
+    Attributes
+    ----------
+    name : str
+        ``s5_block_{i}_ffn``.
+    norm : LayerNormSaved
+        ``v = LayerNorm(x)``.
+    swiglu : SwigluSaved
+        ``f = SwiGLU(v)``.
+    dropout : DropoutSaved or None
+        ``dropout(f)`` (None when no dropout was applied).
+    """
+
+    name: str
+    norm: LayerNormSaved
+    swiglu: SwigluSaved
+    dropout: Optional[DropoutSaved]
+
+
+def ffn_forward_with_saved(params: dict, x: np.ndarray, config, name: str, *, rng=None):
+    """:func:`ffn_forward` that also returns what :func:`ffn_backward` needs.
+
+    ``out = x + dropout(SwiGLU(LayerNorm(x)))``.
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``{name}_norm``, ``{name}_gate``, ``{name}_up``, ``{name}_down``.
+    x : ndarray ``[..., H]``
+    config : S5Config
+    name : str
+        ``s5_block_{i}_ffn``.
+    rng : numpy Generator, optional
+        Dropout source (training); None: no dropout.
+
+    Returns
+    -------
+    out : ndarray ``[..., H]``
+    saved : FfnSaved
+
+    Examples
+    --------
+    >>> c = S5Config(embed_dim=4, hidden_size=4, state_size=4, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    >>> out, s = ffn_forward_with_saved(p, x, c, "s5_block_1_ffn")
+    >>> dx, frag = ffn_backward(np.ones_like(out), s)
+    >>> dx.shape, sorted(frag), frag["s5_block_1_ffn_down"]["kernel"].shape
+    ((2, 3, 4), ['s5_block_1_ffn_down', 's5_block_1_ffn_gate', 's5_block_1_ffn_norm', 's5_block_1_ffn_up'], (16, 4))
+    """
+    c = as_config(config)
+    v, s_norm = norm_forward(params, x, c, f"{name}_norm")                # [..., H]
+    f, s_swiglu = swiglu_forward(v, params[f"{name}_gate"], params[f"{name}_up"],
+                                 params[f"{name}_down"])                  # [..., H]
+    r, s_drop = _dropout(f, c, rng)
+    return x + r, FfnSaved(name, s_norm, s_swiglu, s_drop)
+
+
+def ffn_backward(d_out: np.ndarray, saved: FfnSaved):
+    """Backward of :func:`ffn_forward_with_saved`: dropout, SwiGLU, LayerNorm, plus the residual.
+
+    Parameters
+    ----------
+    d_out : ndarray ``[..., H]``
+    saved : FfnSaved
+
+    Returns
+    -------
+    dx : ndarray ``[..., H]``
+        Gradient of the sub-layer's input, residual included.
+    fragment : dict
+        ``{name}_norm`` (``gamma``, ``beta``) and ``{name}_gate``, ``{name}_up``,
+        ``{name}_down`` (``kernel``, ``bias``).
+
+    Examples
+    --------
+    See :func:`ffn_forward_with_saved`.
+    """
+    name = saved.name
+    df = _dropout_backward(d_out, saved.dropout)
+    g = swiglu_backward(df, saved.swiglu)
+    frag = {f"{name}_gate": g["gate"], f"{name}_up": g["up"], f"{name}_down": g["down"]}
+    dx, f = norm_backward(g["x"], saved.norm, f"{name}_norm")
+    _merge_grads(frag, f)
+    return d_out + dx, frag
+
+
+class S5BlockSaved(NamedTuple):
+    """Saved by :func:`s5_block_forward_with_saved`.
+
+    Attributes
+    ----------
+    layer_idx : int
+        1-based (the layer names ``s5_block_{layer_idx}_*``).
+    ssm : MimoSsmSaved
+    ffn : FfnSaved
+    """
+
+    layer_idx: int
+    ssm: MimoSsmSaved
+    ffn: FfnSaved
+
+
+def s5_block_forward_with_saved(params: dict, x: np.ndarray, config, layer_idx: int, h0=None,
+                                *, engine: str = "numpy", rng=None):
+    """:func:`s5_block_forward` that also returns what :func:`s5_block_backward` needs.
+
+    Parameters
+    ----------
+    params : dict
+    x : ndarray ``[batch, seq_len, H]``
+    config : S5Config
+    layer_idx : int
+        1-based.
+    h0 : ndarray, optional
+        This layer's state (see :func:`mimo_ssm_forward`).
+    engine : str
+    rng : numpy Generator, optional
+        Dropout source (training): the SSM sub-layer's mask, then the FFN's.
+
+    Returns
+    -------
+    out : ndarray ``[batch, seq_len, H]``
+    h_last : ndarray or None
+    saved : S5BlockSaved
+
+    Examples
+    --------
+    >>> c = S5Config(embed_dim=4, hidden_size=4, state_size=3, num_layers=2, preset="edifice")
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 4))
+    >>> out, h, s = s5_block_forward_with_saved(p, x, c, 2)
+    >>> bool(np.array_equal(out, s5_block_forward(p, x, c, 2)[0]))
+    True
+    >>> dx, dh0, frag = s5_block_backward(np.ones_like(out), None, s, c)
+    >>> dx.shape, dh0.shape, len(frag)
+    ((2, 5, 4), (2, 4, 3), 8)
+    """
+    b = _block_name(layer_idx)
+    x, h_last, s_ssm = mimo_ssm_forward_with_saved(params, x, config, f"{b}_ssm", h0,
+                                                   engine=engine, rng=rng)
+    out, s_ffn = ffn_forward_with_saved(params, x, config, f"{b}_ffn", rng=rng)
+    return out, h_last, S5BlockSaved(int(layer_idx), s_ssm, s_ffn)
+
+
+def s5_block_backward(d_out: np.ndarray, d_h_last: Optional[np.ndarray], saved: S5BlockSaved,
+                      config):
+    """Backward of :func:`s5_block_forward_with_saved`: the FFN sub-layer, then the SSM's.
+
+    Parameters
+    ----------
+    d_out : ndarray ``[batch, seq_len, H]``
+    d_h_last : ndarray or None
+        Gradient of the returned state (None: zero).
+    saved : S5BlockSaved
+    config : S5Config
+
+    Returns
+    -------
+    dx : ndarray ``[batch, seq_len, H]``
+        Gradient of the block's input (residuals included).
+    d_h0 : ndarray or None
+        Gradient of the incoming state (None if bidirectional).
+    fragment : dict
+        The block's layers of the parameter-gradient tree.
+
+    Examples
+    --------
+    See :func:`s5_block_forward_with_saved`.
+    """
+    dx, frag = ffn_backward(d_out, saved.ffn)
+    dx, d_h0, g = mimo_ssm_backward(dx, d_h_last, saved.ssm, config)
+    _merge_grads(frag, g)
+    return dx, d_h0, frag
+
+
 def mimo_ssm_forward(params: dict, x: np.ndarray, config, name: str, h0=None, *,
                      engine: str = "numpy", rng=None):
     """The SSM sub-layer over a sequence, with its residual: ``(x + dropout(act(SSM(LN(x)))), h_last)``.
+
+    :func:`mimo_ssm_forward_with_saved` without the saved values.
 
     Parameters
     ----------
@@ -942,31 +1593,15 @@ def mimo_ssm_forward(params: dict, x: np.ndarray, config, name: str, h0=None, *,
     >>> out.shape, h.shape
     ((2, 3, 4), (2, 2))
     """
-    c = as_config(config)
-    u = _layer_norm(params[f"{name}_norm"], x, c)                       # [batch, L, H]
-    if c.ssm == "s5":
-        y, h_last, _ = core.s5_ssm_forward(
-            params[f"{name}_ssm"], u, discretization=c.discretization, conj_sym=c.conj_sym,
-            bidirectional=c.bidirectional, clip_eigs=c.clip_eigs, step_rescale=c.step_rescale,
-            initial_state=h0, engine=engine)
-        if c.bidirectional:
-            h_last = None
-    else:
-        B = _dense(params[f"{name}_b_proj"], u)                         # [batch, L, N]
-        C = _dense(params[f"{name}_c_proj"], u)
-        d = _dense(params[f"{name}_d_proj"], u)                         # [batch, L, H]
-        delta = np.full(u.shape, EDIFICE_DT)
-        y, h_last, _ = selective_scan_forward(u, delta, _edifice_A(c), B, C,
-                                              initial_state=h0, engine=engine)
-        y = y + d
-    y = _activation(y, c)
-    if rng is not None:
-        y = dropout_forward(y, c.dropout, training=True, rng=rng)[0]
-    return x + y, h_last
+    out, h_last, _ = mimo_ssm_forward_with_saved(params, x, config, name, h0, engine=engine,
+                                                 rng=rng)
+    return out, h_last
 
 
 def ffn_forward(params: dict, x: np.ndarray, config, name: str, *, rng=None) -> np.ndarray:
     """The feed-forward sub-layer with its residual: ``x + dropout(SwiGLU(LN(x)))``.
+
+    :func:`ffn_forward_with_saved` without the saved values.
 
     Parameters
     ----------
@@ -984,17 +1619,14 @@ def ffn_forward(params: dict, x: np.ndarray, config, name: str, *, rng=None) -> 
     >>> ffn_forward(build(c, seed=0).params, np.ones((2, 4)), c, "s5_block_1_ffn").shape
     (2, 4)
     """
-    c = as_config(config)
-    u = _layer_norm(params[f"{name}_norm"], x, c)
-    y, _ = swiglu_forward(u, params[f"{name}_gate"], params[f"{name}_up"], params[f"{name}_down"])
-    if rng is not None:
-        y = dropout_forward(y, c.dropout, training=True, rng=rng)[0]
-    return x + y
+    return ffn_forward_with_saved(params, x, config, name, rng=rng)[0]
 
 
 def s5_block_forward(params: dict, x: np.ndarray, config, layer_idx: int, h0=None, *,
                      engine: str = "numpy", rng=None):
     """One S5 block (SSM sub-layer then FFN sub-layer, each with its residual).
+
+    :func:`s5_block_forward_with_saved` without the saved values.
 
     Parameters
     ----------
@@ -1018,9 +1650,9 @@ def s5_block_forward(params: dict, x: np.ndarray, config, layer_idx: int, h0=Non
     >>> out.shape
     (1, 3, 4)
     """
-    b = _block_name(layer_idx)
-    x, h_last = mimo_ssm_forward(params, x, config, f"{b}_ssm", h0, engine=engine, rng=rng)
-    return ffn_forward(params, x, config, f"{b}_ffn", rng=rng), h_last
+    out, h_last, _ = s5_block_forward_with_saved(params, x, config, layer_idx, h0,
+                                                 engine=engine, rng=rng)
+    return out, h_last
 
 
 def _check_x(x, c: S5Config, name="x"):
@@ -1031,6 +1663,104 @@ def _check_x(x, c: S5Config, name="x"):
     if x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"{name}: expected batch >= 1 and seq_len >= 1, got shape {x.shape}")
     return x.astype(np.float64, copy=False)
+
+
+# ---------------------------------------------------------------------------
+# The model: forward, forward_with_saved, backward
+# ---------------------------------------------------------------------------
+
+class S5ModelSaved(NamedTuple):
+    """What :func:`forward_with_saved` keeps for :func:`backward`.
+
+    (Named apart from :class:`refssm.ssm.s5.S5Saved`, the SSM core's.)
+
+    Attributes
+    ----------
+    config : S5Config
+    input_projection : DenseSaved or None
+        None when ``embed_dim == hidden_size`` (no projection).
+    blocks : tuple of S5BlockSaved
+        One per layer, in order (each with its dropout masks, if any).
+    final_norm : LayerNormSaved
+    batch, seq_len : int
+    return_sequence : bool
+        The output was ``[batch, seq_len, hidden]`` (else the last timestep).
+    has_state : bool
+        A carried ``state`` was given (then :func:`backward` returns its gradient).
+    """
+
+    config: S5Config
+    input_projection: Optional[DenseSaved]
+    blocks: tuple
+    final_norm: LayerNormSaved
+    batch: int
+    seq_len: int
+    return_sequence: bool
+    has_state: bool
+
+
+class S5Grads(NamedTuple):
+    """What :func:`backward` returns.
+
+    Attributes
+    ----------
+    x : ndarray ``[batch, seq_len, embed_dim]``
+        Gradient of the model input.
+    params : dict
+        ``{layer: {name: grad}}``, exactly the layers, names, order, shapes
+        and (real) dtype of the parameter tree (:func:`param_shapes`).
+    state : S5Cache or None
+        Gradient of the carried initial ``state``: ``h [batch, num_layers,
+        Ps]`` complex, ``dL/dRe(h) + i dL/dIm(h)`` (``s5``), or ``[batch,
+        num_layers, H, N]`` real (``edifice``); None when
+        :func:`forward_with_saved` was called without one.
+    """
+
+    x: np.ndarray
+    params: dict
+    state: Optional[S5Cache]
+
+
+def _forward(params: dict, x, c: S5Config, state, return_sequence: bool, training: bool, seed,
+             engine: str, caller: str):
+    """The model over a sequence: ``(S5Output, S5ModelSaved)``; :func:`forward` and
+    :func:`forward_with_saved` are this one function."""
+    _ssm_engine_ok(c, engine)
+    x = _check_x(x, c)
+    params = check_params(params, param_shapes(c))
+    batch, seq_len = x.shape[:2]
+    if c.bidirectional:
+        if state is not None:
+            raise ValueError("state: a bidirectional S5 is not causal and carries no state; "
+                             "expected state=None")
+        h = None
+    else:
+        h = init_cache(c, batch).h if state is None else _check_cache(state, c, batch).h
+    rng = None
+    if training and c.dropout > 0:
+        if seed is None:
+            raise ValueError(f"{caller}: training=True with dropout > 0 needs seed (int or "
+                             f"numpy Generator), got None")
+        rng = _rng(seed)
+    s_input = None
+    if "input_projection" in params:
+        x, s_input = dense_layer_forward(params, x, "input_projection")   # [batch, L, H]
+    hidden_states = [x]
+    new_h = None if h is None else np.empty_like(h)
+    blocks = []
+    for i in range(1, c.num_layers + 1):
+        x, h_last, s_block = s5_block_forward_with_saved(
+            params, x, c, i, None if h is None else h[:, i - 1], engine=engine, rng=rng)
+        blocks.append(s_block)
+        if new_h is not None:
+            new_h[:, i - 1] = h_last                                       # this layer's own state
+        hidden_states.append(x)
+    x, s_final = norm_forward(params, x, c, "final_norm")
+    output = x if return_sequence else x[:, -1]
+    result = S5Output(output, None if new_h is None else S5Cache(new_h), tuple(hidden_states))
+    saved = S5ModelSaved(c, s_input, tuple(blocks), s_final, batch, seq_len,
+                         bool(return_sequence), state is not None)
+    return result, saved
 
 
 def forward(params: dict, x, config=None, *, state: Optional[S5Cache] = None,
@@ -1080,37 +1810,205 @@ def forward(params: dict, x, config=None, *, state: Optional[S5Cache] = None,
     >>> bool(np.allclose(np.concatenate([a.output, b.output], 1), full.output, rtol=0, atol=1e-13))
     True
     """
-    c = as_config(config)
-    _ssm_engine_ok(c, engine)
-    x = _check_x(x, c)
-    params = check_params(params, param_shapes(c))
-    batch = x.shape[0]
+    return _forward(params, x, as_config(config), state, return_sequence, training, seed,
+                    engine, "forward")[0]
+
+
+def forward_with_saved(params: dict, x, config=None, *, state: Optional[S5Cache] = None,
+                       return_sequence: bool = False, training: bool = False, seed=None,
+                       engine: str = "numpy"):
+    """:func:`forward` that also keeps, per layer, the named values :func:`backward` needs.
+
+    Same arguments and the same numbers as :func:`forward` (it is the same
+    computation; dropout included: the same ``seed`` draws the same masks,
+    and the masks are saved).
+
+    Parameters
+    ----------
+    params : dict
+    x : ndarray ``[batch, seq_len, embed_dim]``
+    config : S5Config or dict
+    state : S5Cache, optional
+        Carried state (then :func:`backward` also returns its gradient).
+    return_sequence : bool
+    training : bool
+        Dropout after each SSM and each SwiGLU (rate ``config.dropout``, needs
+        ``seed``); its masks are saved and used by the backward.
+    seed : int or numpy Generator
+    engine : {"numpy", "numba", "logdepth", "fft", "fft_dense"}
+        The SSM's engine (``edifice``: ``numpy``/``numba``/``logdepth``); its
+        backward is used by :func:`backward`.
+
+    Returns
+    -------
+    result : S5Output
+        ``(output, state, hidden_states)``, as :func:`forward`.
+    saved : S5ModelSaved
+
+    Raises
+    ------
+    ValueError
+        As :func:`forward`.
+
+    Examples
+    --------
+    The gradient of the scalar loss ``sum(W * output)``:
+
+    >>> c = S5Config(embed_dim=3, hidden_size=8, state_size=4, num_layers=2)
+    >>> params = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    >>> res, saved = forward_with_saved(params, x, c)
+    >>> W = np.random.default_rng(1).standard_normal(res.output.shape)
+    >>> grads = backward(W, saved)
+    >>> grads.x.shape, grads.state, list(grads.params) == list(params)
+    ((2, 5, 3), None, True)
+    >>> grads.params["s5_block_1_ssm_ssm"]["B"].shape, grads.params["s5_block_1_ssm_ssm"]["B"].dtype
+    ((2, 8, 2), dtype('float64'))
+
+    It agrees with a central finite difference of :func:`forward` along a direction ``V``:
+
+    >>> V = np.random.default_rng(2).standard_normal(x.shape)
+    >>> loss = lambda x_: float(np.sum(W * forward(params, x_, c).output))
+    >>> fd = (loss(x + 1e-6 * V) - loss(x - 1e-6 * V)) / 2e-6
+    >>> bool(abs(fd - np.sum(grads.x * V)) <= 1e-8 * abs(fd))
+    True
+
+    and along a direction in the SSM's eigenvalues (``Lambda_re``, real parameters: the
+    complex ``Lambda`` is stored as ``Lambda_re``, ``Lambda_im``):
+
+    >>> v = np.random.default_rng(3).standard_normal(2)
+    >>> def loss_lam(t):
+    ...     p = {k: dict(d) for k, d in params.items()}
+    ...     p["s5_block_1_ssm_ssm"]["Lambda_re"] = params["s5_block_1_ssm_ssm"]["Lambda_re"] + t * v
+    ...     return float(np.sum(W * forward(p, x, c).output))
+    >>> fd = (loss_lam(1e-4) - loss_lam(-1e-4)) / 2e-4
+    >>> bool(abs(fd - np.sum(grads.params["s5_block_1_ssm_ssm"]["Lambda_re"] * v)) <= 1e-7 * abs(fd))
+    True
+    """
+    return _forward(params, x, as_config(config), state, return_sequence, training, seed,
+                    engine, "forward_with_saved")
+
+
+def _check_d_state(d_state, c: S5Config, batch: int):
+    """``d_state`` as the ``h`` gradient (or None), with the cache's shape."""
+    if d_state is None:
+        return None
     if c.bidirectional:
-        if state is not None:
-            raise ValueError("state: a bidirectional S5 is not causal and carries no state; "
-                             "expected state=None")
-        h = None
+        raise ValueError("d_state: a bidirectional S5 returns no state, so there is no "
+                         "gradient of it to take; expected d_state=None")
+    if not (isinstance(d_state, tuple) and len(d_state) == 1):
+        raise ValueError(f"d_state: expected an S5Cache (h,) of gradients (h may be None), got "
+                         f"{type(d_state).__name__}")
+    h = d_state[0]
+    if h is None:
+        return None
+    h = as_float_array(h, "d_state.h", allow_complex=(c.ssm == "s5"))
+    want = _state_shape(c, batch)
+    if h.shape != want:
+        layout = ("[batch, num_layers, Ps] (complex: dL/dRe + i dL/dIm)" if c.ssm == "s5"
+                  else "[batch, num_layers, hidden, state]")
+        raise ValueError(f"d_state.h: expected shape {want} {layout}, got {h.shape}")
+    return h
+
+
+def backward(d_out, saved: S5ModelSaved, *, d_state: Optional[S5Cache] = None) -> S5Grads:
+    """Manual backward of the whole model: gradients of a scalar loss from those of the outputs.
+
+    Given ``d_out = dLoss/d output`` (and optionally ``d_state = dLoss/d
+    state``, the returned carried state, for a loss on it or to backpropagate
+    through the next chunk), returns ``dLoss/dx``, ``dLoss/dparams`` in the
+    tree's layout, and ``dLoss/d state_in`` when a carried state was given.
+    Runs the forward's equations in reverse: final norm, then per block (last
+    first) the FFN sub-layer and the SSM sub-layer (each: dropout with the
+    saved mask, the branch, the LayerNorm, plus the residual), then the input
+    projection.
+
+    Complex quantities (the ``s5`` state and its gradients) use
+    ``dL/dRe(h) + i dL/dIm(h)``; the parameter gradients are real, as the
+    parameters (``Lambda_re``, ``Lambda_im``; ``B``, ``C`` as ``[..., (re, im)]``).
+
+    Parameters
+    ----------
+    d_out : ndarray
+        ``[batch, hidden]`` (last timestep) or ``[batch, seq_len, hidden]``
+        (``return_sequence``), as the forward's output.
+    saved : S5ModelSaved
+        From :func:`forward_with_saved` (its engine's backward is used).
+    d_state : S5Cache, optional
+        Gradient of the returned state: ``h [batch, num_layers, Ps]``
+        complex (``s5``) or ``[batch, num_layers, H, N]`` (``edifice``); None
+        (or ``h`` None) means zero. Not for a bidirectional model.
+
+    Returns
+    -------
+    S5Grads
+        ``(x, params, state)``: ``x [batch, seq_len, embed_dim]``; ``params``
+        with exactly the layers and names of the parameter tree; ``state``
+        an :class:`S5Cache` of gradients, or None without a carried state.
+
+    Raises
+    ------
+    ValueError
+        ``saved`` not from :func:`forward_with_saved`; ``d_out`` or
+        ``d_state`` of the wrong shape, or not finite.
+
+    Examples
+    --------
+    Processing in chunks and backpropagating through the carried state gives
+    the one-call gradients:
+
+    >>> c = S5Config(embed_dim=3, hidden_size=8, state_size=4, num_layers=2)
+    >>> params = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((1, 6, 3))
+    >>> W = np.random.default_rng(1).standard_normal((1, 6, 8))
+    >>> full, s = forward_with_saved(params, x, c, return_sequence=True)
+    >>> g = backward(W, s)
+    >>> a, sa = forward_with_saved(params, x[:, :4], c, return_sequence=True)
+    >>> b, sb = forward_with_saved(params, x[:, 4:], c, state=a.state, return_sequence=True)
+    >>> gb = backward(W[:, 4:], sb)
+    >>> ga = backward(W[:, :4], sa, d_state=gb.state)
+    >>> dx = np.concatenate([ga.x, gb.x], axis=1)
+    >>> bool(np.allclose(dx, g.x, rtol=0, atol=1e-13))
+    True
+    >>> gb.state.h.shape, gb.state.h.dtype
+    ((1, 2, 2), dtype('complex128'))
+    """
+    if not isinstance(saved, S5ModelSaved):
+        raise ValueError(f"saved: expected the S5ModelSaved of forward_with_saved, got "
+                         f"{type(saved).__name__}")
+    c = saved.config
+    batch, seq_len, H = saved.batch, saved.seq_len, c.hidden_size
+    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
+    d_out = as_float_array(d_out, "d_out", ndim=len(want))
+    if d_out.shape != want:
+        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
+        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
+                         f"got {d_out.shape}")
+    d_h = _check_d_state(d_state, c, batch)
+    dparams = {}
+    # --- output: last timestep or the whole sequence -------------------------
+    if saved.return_sequence:
+        dx = np.array(d_out, dtype=np.float64)                            # [batch, L, H]
     else:
-        h = init_cache(c, batch).h if state is None else _check_cache(state, c, batch).h
-    rng = None
-    if training and c.dropout > 0:
-        if seed is None:
-            raise ValueError("forward: training=True with dropout > 0 needs seed (int or numpy "
-                             "Generator), got None")
-        rng = _rng(seed)
-    if "input_projection" in params:
-        x = _dense(params["input_projection"], x)                          # [batch, L, H]
-    hidden_states = [x]
-    new_h = None if h is None else np.empty_like(h)
-    for i in range(1, c.num_layers + 1):
-        x, h_last = s5_block_forward(params, x, c, i, None if h is None else h[:, i - 1],
-                                     engine=engine, rng=rng)
-        if new_h is not None:
-            new_h[:, i - 1] = h_last                                       # this layer's own state
-        hidden_states.append(x)
-    x = _layer_norm(params["final_norm"], x, c)
-    output = x if return_sequence else x[:, -1]
-    return S5Output(output, None if new_h is None else S5Cache(new_h), tuple(hidden_states))
+        dx = np.zeros((batch, seq_len, H))
+        dx[:, -1] = d_out
+    dx, g = norm_backward(dx, saved.final_norm, "final_norm")
+    _merge_grads(dparams, g)
+    # --- blocks, last first: x_i = block_i(x_{i-1}) (residuals inside) -------
+    dh0 = None
+    if saved.has_state:
+        dh0 = np.zeros(_state_shape(c, batch), np.complex128 if c.ssm == "s5" else np.float64)
+    for i in range(c.num_layers, 0, -1):
+        dx, d_h0_i, g = s5_block_backward(dx, None if d_h is None else d_h[:, i - 1],
+                                          saved.blocks[i - 1], c)
+        _merge_grads(dparams, g)
+        if dh0 is not None:
+            dh0[:, i - 1] = d_h0_i
+    if saved.input_projection is not None:
+        dx, g = dense_layer_backward(dx, saved.input_projection, "input_projection")
+        _merge_grads(dparams, g)
+    tree = grad_tree(dparams, param_shapes(c))                            # the params' order
+    return S5Grads(dx, tree, None if dh0 is None else S5Cache(dh0))
 
 
 # ---------------------------------------------------------------------------
