@@ -1,5 +1,5 @@
 """GatedSSM (Edifice ``Edifice.SSM.GatedSSM``; no paper), the whole model: config,
-parameters, forward, O(1) stepping, exact parameter count.
+parameters, forward, O(1) stepping, exact parameter count, manual backward.
 
 A Mamba-shaped model whose selective scan is replaced by two sigmoid gates and
 a moving average: "a simplified gated temporal network inspired by state space
@@ -24,7 +24,10 @@ models", *not* Mamba (DESIGN.md sections 1 and 1.2)::
         out    = out_proj(y * silu(z))                         [batch, L, hidden]
 
 The gated core (``g``, ``s``, the context, ``y``) with its manual backward and
-a Numba engine is :mod:`refssm.ssm.gated_ema`.
+a Numba engine is :mod:`refssm.ssm.gated_ema`. Every layer of the block has a
+``*_forward`` returning its saved values and a ``*_backward`` next to it;
+:func:`forward_with_saved` and :func:`backward` give the gradients of the
+whole model (input, every parameter, the carried state), in both scan modes.
 
 ``scan_mode`` (a flag; the presets set it):
 
@@ -83,13 +86,17 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import as_float_array
-from ..ops.activations import inverse_softplus, silu_forward, softplus_forward
-from ..ops.dense import dense_forward
-from ..ops.dropout import dropout_forward
-from ..ops.norms import layer_norm_forward
-from ..ops.pooling import causal_mean_forward, causal_mean_step
-from ..ssm.gated_ema import ENGINES, gated_ema_forward, gated_ema_step
-from ._common import _choice, _float, _positive_int, _rng, check_params, count_params
+from ..ops.activations import (ActivationSaved, inverse_softplus, silu_backward, silu_forward,
+                               softplus_backward, softplus_forward)
+from ..ops.dense import DenseSaved, dense_forward
+from ..ops.dropout import dropout_backward, dropout_forward
+from ..ops.norms import LayerNormSaved, layer_norm_backward, layer_norm_forward
+from ..ops.pooling import (CausalMeanSaved, causal_mean_backward, causal_mean_forward,
+                           causal_mean_step)
+from ..ssm.gated_ema import (ENGINES, GatedEMASaved, gated_ema_backward, gated_ema_forward,
+                             gated_ema_step)
+from ._common import (_choice, _float, _merge_grads, _positive_int, _rng, check_params,
+                      count_params, dense_layer_backward, dense_layer_forward, grad_tree)
 from .mamba import _dense_params
 
 __all__ = [
@@ -98,6 +105,13 @@ __all__ = [
     "build_causal_conv1d",
     "forward", "mamba_block_forward", "selective_ssm_forward", "causal_conv1d_forward",
     "init_cache", "step", "mamba_block_step", "selective_ssm_step", "causal_conv1d_step",
+    # manual backward: per-layer forward (output + saved values) and backward pairs
+    "norm_forward", "norm_backward", "in_proj_forward", "in_proj_backward",
+    "CausalConv1dSaved", "causal_conv1d_backward", "ProjectionsSaved",
+    "ssm_projections_forward", "ssm_projections_backward", "SelectiveSSMSaved",
+    "selective_ssm_backward", "OutputGateSaved", "output_gate_forward", "output_gate_backward",
+    "GatedSSMBlockSaved", "mamba_block_forward_with_saved", "mamba_block_backward",
+    "GatedSSMSaved", "GatedSSMGrads", "forward_with_saved", "backward",
     "output_size", "param_count", "param_count_breakdown", "original_param_count",
     "original_param_count_terms",
     "param_shapes", "random_params", "recommended_defaults", "as_config",
@@ -152,8 +166,9 @@ class GatedSSMConfig:
     seq_len : int, optional
         Defaults to ``window_size``. Informational.
     checkpoint_every : int, default 1
-        :func:`build_checkpointed`'s option (the same graph; the memory-saving
-        backward comes with the whole-model backward).
+        :func:`build_checkpointed`'s option (the same graph). Recorded only:
+        :func:`forward_with_saved` keeps every layer's saved values, it does
+        not yet recompute layers to save memory.
     preset : {"causal", "edifice"}, default "causal"
     scan_mode : {"causal", "legacy"}
         The flag (see :data:`FLAGS`); overrides the preset's value.
@@ -601,8 +616,8 @@ class GatedSSMModel:
     Attributes
     ----------
     checkpoint_every : int or None
-        Set by :func:`build_checkpointed` (the same forward; the option of
-        the memory-saving backward).
+        Set by :func:`build_checkpointed` (the same forward; recorded for a
+        memory-saving backward, which :func:`backward` does not do yet).
 
     Examples
     --------
@@ -621,6 +636,14 @@ class GatedSSMModel:
 
     def forward(self, x, **kwargs) -> "GatedSSMOutput":
         return forward(self.params, x, self.config, **kwargs)
+
+    def forward_with_saved(self, x, **kwargs):
+        """:func:`forward_with_saved` with this model's parameters and config."""
+        return forward_with_saved(self.params, x, self.config, **kwargs)
+
+    def backward(self, d_out, saved, **kwargs) -> "GatedSSMGrads":
+        """:func:`backward` (``saved`` from :meth:`forward_with_saved`)."""
+        return backward(d_out, saved, **kwargs)
 
     def init_cache(self, batch_size: int = 1) -> "GatedSSMCache":
         return init_cache(self.config, batch_size)
@@ -671,8 +694,9 @@ def build_checkpointed(config=None, *, seed=0, **opts) -> GatedSSMModel:
 
     The same graph, parameters and numbers as :func:`build` (in Edifice the
     checkpoint is an identity marker too); the model records
-    ``checkpoint_every`` for the memory-saving backward, which comes with the
-    whole-model backward.
+    ``checkpoint_every`` for a memory-saving backward. :func:`backward` does
+    not use it yet: :func:`forward_with_saved` keeps every layer's saved
+    values (the gradients are the same either way).
 
     Examples
     --------
@@ -773,40 +797,354 @@ def _dense(p: dict, x: np.ndarray) -> np.ndarray:
     return dense_forward(x, p["kernel"], p.get("bias"))[0]
 
 
-def _layer_norm(p: dict, x: np.ndarray, c: GatedSSMConfig) -> np.ndarray:
-    return layer_norm_forward(x, p["gamma"], p["beta"], c.norm_eps)[0]
+# ---------------------------------------------------------------------------
+# The layers of a block: each a forward (its output and its saved values) and
+# its backward, side by side
+# ---------------------------------------------------------------------------
+#
+# Notation of the block (DESIGN.md 1.2), shapes with H = hidden, E = inner,
+# N = state, R = dt_rank, K = conv_size, L = seq_len:
+#
+#     u           = LayerNorm(x)                       norm_forward             [b, L, H]
+#     xs0, z      = split(in_proj(u))                  in_proj_forward          [b, L, E] each
+#     pre         = conv_proj(causal_mean(xs0, K))     causal_conv1d_forward    [b, L, E]
+#     xs          = silu(pre)                          silu_forward (the op)    [b, L, E]
+#     delta       = softplus(dt_proj(dt_rank(xs)))     ssm_projections_forward  [b, L, E]
+#     B, C        = split(bc_proj(xs))                   (same)                 [b, L, N] each
+#     y           = gated_ema(xs, delta, B, C)         selective_ssm_forward    [b, L, E]
+#                   (projections + the core, refssm.ssm.gated_ema)
+#     v           = y * silu(z)                        output_gate_forward      [b, L, E]
+#     out         = out_proj(v)                        dense_layer_forward      [b, L, H]
+#
+# :func:`forward`, :func:`forward_with_saved` and :func:`step` all run these
+# functions: there is one copy of the math. Saved values are references to
+# arrays the forward computes anyway (the ops' own ``*Saved`` tuples), not
+# copies. Every ``*_backward`` takes the gradient of its forward's outputs and
+# the forward's saved values and returns the gradient of its inputs and a
+# *fragment* ``{layer: {name: grad}}`` of the parameter-gradient tree (the
+# layer names of ``params``); the model's :func:`backward` merges them.
+
+def norm_forward(params: dict, x: np.ndarray, config, name: str):
+    """``u = LayerNorm(x)`` over ``hidden`` (``gamma``, ``beta``, ``config.norm_eps``).
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``params[name]`` (``mamba_block_{i}_norm``).
+    x : ndarray ``[batch, seq_len, hidden]`` (or one frame ``[batch, hidden]``)
+    config : GatedSSMConfig
+    name : str
+
+    Returns
+    -------
+    u : ndarray, the shape of ``x``
+    saved : LayerNormSaved
+        ``x_hat``, ``rstd``, ``gamma``.
+
+    Examples
+    --------
+    >>> c = GatedSSMConfig(embed_dim=4, hidden_size=4, state_size=2, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    >>> u, s = norm_forward(p, x, c, "mamba_block_1_norm")
+    >>> dx, frag = norm_backward(np.ones_like(u), s, c, "mamba_block_1_norm")
+    >>> dx.shape, sorted(frag["mamba_block_1_norm"])
+    ((2, 3, 4), ['beta', 'gamma'])
+    """
+    p = params[name]
+    return layer_norm_forward(x, p["gamma"], p["beta"], as_config(config).norm_eps)
+
+
+def norm_backward(du: np.ndarray, saved: LayerNormSaved, config, name: str):
+    """Backward of :func:`norm_forward`.
+
+    With ``g = du * gamma``: ``dx = rstd (g - mean(g) - x_hat mean(g x_hat))``;
+    ``d gamma = sum du x_hat``, ``d beta = sum du`` (over batch and time).
+
+    Parameters
+    ----------
+    du : ndarray ``[batch, seq_len, hidden]``
+    saved : LayerNormSaved
+    config : GatedSSMConfig
+    name : str
+
+    Returns
+    -------
+    dx : ndarray ``[batch, seq_len, hidden]``
+    fragment : dict
+        ``{name: {"gamma": [hidden], "beta": [hidden]}}``.
+
+    Examples
+    --------
+    See :func:`norm_forward`.
+    """
+    g = layer_norm_backward(du, saved)
+    return g["x"], {name: {"gamma": g["gamma"], "beta": g["beta"]}}
+
+
+def in_proj_forward(params: dict, u: np.ndarray, config, name: str):
+    """``xs0, z = split(in_proj(u))``: the SSM branch and the gate branch.
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``params[name]`` (``mamba_block_{i}_in_proj``: ``kernel [hidden, 2 inner]``,
+        ``bias [2 inner]``).
+    u : ndarray ``[batch, seq_len, hidden]`` (or one frame ``[batch, hidden]``)
+    config : GatedSSMConfig
+    name : str
+
+    Returns
+    -------
+    xs0 : ndarray ``[batch, seq_len, inner]``
+        The first ``inner`` columns (into the causal mean).
+    z : ndarray ``[batch, seq_len, inner]``
+        The last ``inner`` columns (the output gate).
+    saved : DenseSaved
+
+    Examples
+    --------
+    >>> c = GatedSSMConfig(embed_dim=4, hidden_size=4, state_size=2, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> u = np.random.default_rng(0).standard_normal((2, 3, 4))
+    >>> xs0, z, s = in_proj_forward(p, u, c, "mamba_block_1_in_proj")
+    >>> du, frag = in_proj_backward(np.ones_like(xs0), np.zeros_like(z), s, c,
+    ...                             "mamba_block_1_in_proj")
+    >>> xs0.shape, du.shape, frag["mamba_block_1_in_proj"]["kernel"].shape
+    ((2, 3, 8), (2, 3, 4), (4, 16))
+    """
+    E = as_config(config).inner_size
+    xz, saved = dense_layer_forward(params, u, name)                     # [b, L, 2E]
+    return xz[..., :E], xz[..., E:], saved
+
+
+def in_proj_backward(dxs0: np.ndarray, dz: np.ndarray, saved: DenseSaved, config, name: str):
+    """Backward of :func:`in_proj_forward`: ``d xz = [d xs0 ; d z]``, then the dense backward.
+
+    Parameters
+    ----------
+    dxs0, dz : ndarray ``[batch, seq_len, inner]``
+    saved : DenseSaved
+    config : GatedSSMConfig
+    name : str
+
+    Returns
+    -------
+    du : ndarray ``[batch, seq_len, hidden]``
+    fragment : dict
+        ``{name: {"kernel": [hidden, 2 inner], "bias": [2 inner]}}``.
+
+    Examples
+    --------
+    See :func:`in_proj_forward`.
+    """
+    return dense_layer_backward(np.concatenate([dxs0, dz], axis=-1), saved, name)
+
+
+class CausalConv1dSaved(NamedTuple):
+    """Saved by :func:`causal_conv1d_forward`.
+
+    Attributes
+    ----------
+    mean : CausalMeanSaved
+        The window and the length (the mean is linear: nothing else).
+    proj : DenseSaved
+        ``conv_proj``'s input (the window mean ``[batch, seq_len, inner]``) and kernel.
+    """
+
+    mean: CausalMeanSaved
+    proj: DenseSaved
 
 
 def causal_conv1d_forward(params: dict, xs: np.ndarray, name: str, window: int,
                           buffer: Optional[np.ndarray] = None):
     """The causal "conv": window mean over ``window`` frames, then the dense ``{name}_proj``.
 
+    ``pre = conv_proj(causal_mean(xs, window))`` (the block's SiLU comes after).
+
     Parameters
     ----------
+    params : dict
+        Reads ``params[f"{name}_proj"]`` (``kernel [inner, inner]``, ``bias [inner]``).
     xs : ndarray ``[batch, seq_len, inner]``
     name : str
         ``mamba_block_{i}_conv``.
     window : int
         ``conv_size``.
     buffer : ndarray ``[batch, conv_size-1, inner]``, optional
+        The ``conv_size - 1`` frames before ``xs`` (zeros: a fresh sequence).
 
     Returns
     -------
-    y : ndarray ``[batch, seq_len, inner]``
+    pre : ndarray ``[batch, seq_len, inner]``
     buffer : ndarray ``[batch, conv_size-1, inner]``
+        The last ``conv_size - 1`` frames of ``[buffer ; xs]`` (the carried state).
+    saved : CausalConv1dSaved
+
+    Examples
+    --------
+    >>> c = GatedSSMConfig(embed_dim=4, hidden_size=4, state_size=2, conv_size=3, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> xs0 = np.random.default_rng(0).standard_normal((2, 5, 8))
+    >>> pre, buf, s = causal_conv1d_forward(p, xs0, "mamba_block_1_conv", 3)
+    >>> dxs0, dbuf, frag = causal_conv1d_backward(np.ones_like(pre), None, s, "mamba_block_1_conv")
+    >>> buf.shape, dxs0.shape, dbuf.shape, sorted(frag["mamba_block_1_conv_proj"])
+    ((2, 2, 8), (2, 5, 8), (2, 2, 8), ['bias', 'kernel'])
     """
-    mean, buffer, _ = causal_mean_forward(xs, window, buffer)
-    return _dense(params[f"{name}_proj"], mean), buffer
+    mean, buffer, s_mean = causal_mean_forward(xs, window, buffer)       # [b, L, E]
+    pre, s_proj = dense_layer_forward(params, mean, f"{name}_proj")      # [b, L, E]
+    return pre, buffer, CausalConv1dSaved(s_mean, s_proj)
 
 
-def _ssm_projections(params: dict, xs: np.ndarray, c: GatedSSMConfig, name: str):
-    """``xs [..., inner]`` -> ``delta [..., inner]`` (softplus'd), ``B, C [..., N]``."""
-    N = c.state_size
-    bc = _dense(params[f"{name}_bc_proj"], xs)
+def causal_conv1d_backward(d_pre: np.ndarray, d_new_buffer: Optional[np.ndarray],
+                           saved: CausalConv1dSaved, name: str):
+    """Backward of :func:`causal_conv1d_forward`: the dense backward, then the mean's transpose.
+
+    ``d mean = d pre @ kernel^T``; ``d x_pad[t + k] += d mean[t] / K`` for
+    ``k = 0 .. K-1``, with ``d_new_buffer`` added to the frames of ``[buffer ;
+    xs]`` the returned buffer was taken from.
+
+    Parameters
+    ----------
+    d_pre : ndarray ``[batch, seq_len, inner]``
+    d_new_buffer : ndarray ``[batch, conv_size-1, inner]`` or None
+        Gradient of the returned buffer (None: zero).
+    saved : CausalConv1dSaved
+    name : str
+        ``mamba_block_{i}_conv``.
+
+    Returns
+    -------
+    dxs : ndarray ``[batch, seq_len, inner]``
+    d_buffer : ndarray ``[batch, conv_size-1, inner]``
+        Gradient of the incoming ``buffer``.
+    fragment : dict
+        ``{f"{name}_proj": {"kernel": [inner, inner], "bias": [inner]}}``.
+
+    Examples
+    --------
+    See :func:`causal_conv1d_forward`.
+    """
+    d_mean, frag = dense_layer_backward(d_pre, saved.proj, f"{name}_proj")
+    g = causal_mean_backward(d_mean, d_new_buffer, saved.mean)
+    return g["x"], g["buffer"], frag
+
+
+class ProjectionsSaved(NamedTuple):
+    """Saved by :func:`ssm_projections_forward`.
+
+    Attributes
+    ----------
+    bc_proj : DenseSaved
+        ``xs [b, L, inner] -> [B ; C] [b, L, 2N]``.
+    dt_rank : DenseSaved
+        ``xs -> dt_low [b, L, R]``.
+    dt_proj : DenseSaved
+        ``dt_low -> delta_raw [b, L, inner]``.
+    softplus : ActivationSaved
+        ``delta_raw`` (``delta = softplus(delta_raw)``).
+    """
+
+    bc_proj: DenseSaved
+    dt_rank: DenseSaved
+    dt_proj: DenseSaved
+    softplus: ActivationSaved
+
+
+def ssm_projections_forward(params: dict, xs: np.ndarray, config, name: str):
+    """``B, C = split(bc_proj(xs))``; ``delta = softplus(dt_proj(dt_rank(xs)))``.
+
+    Parameters
+    ----------
+    params : dict
+        Reads ``{name}_bc_proj`` (``inner -> 2N``, columns ``[B ; C]``),
+        ``{name}_dt_rank`` (``inner -> R``), ``{name}_dt_proj`` (``R -> inner``),
+        all with bias.
+    xs : ndarray ``[batch, seq_len, inner]`` (or one frame ``[batch, inner]``)
+    config : GatedSSMConfig
+    name : str
+        ``mamba_block_{i}_ssm``.
+
+    Returns
+    -------
+    delta : ndarray ``[batch, seq_len, inner]``
+        After the softplus.
+    B, C : ndarray ``[batch, seq_len, N]``
+    saved : ProjectionsSaved
+
+    Examples
+    --------
+    >>> c = GatedSSMConfig(embed_dim=4, hidden_size=4, state_size=2, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> xs = np.random.default_rng(0).standard_normal((2, 5, 8))
+    >>> delta, B, C, s = ssm_projections_forward(p, xs, c, "mamba_block_1_ssm")
+    >>> dxs, frag = ssm_projections_backward(np.ones_like(delta), np.ones_like(B),
+    ...                                      np.ones_like(C), s, c, "mamba_block_1_ssm")
+    >>> delta.shape, B.shape, dxs.shape
+    ((2, 5, 8), (2, 5, 2), (2, 5, 8))
+    >>> sorted(frag)
+    ['mamba_block_1_ssm_bc_proj', 'mamba_block_1_ssm_dt_proj', 'mamba_block_1_ssm_dt_rank']
+    """
+    N = as_config(config).state_size
+    bc, s_bc = dense_layer_forward(params, xs, f"{name}_bc_proj")                 # [..., 2N]
     B, C = bc[..., :N], bc[..., N:]
-    dt_low = _dense(params[f"{name}_dt_rank"], xs)                         # [..., dt_rank]
-    delta = softplus_forward(_dense(params[f"{name}_dt_proj"], dt_low))[0]  # [..., inner]
-    return delta, B, C
+    dt_low, s_rank = dense_layer_forward(params, xs, f"{name}_dt_rank")           # [..., R]
+    delta_raw, s_dt = dense_layer_forward(params, dt_low, f"{name}_dt_proj")      # [..., E]
+    delta, s_softplus = softplus_forward(delta_raw)
+    return delta, B, C, ProjectionsSaved(s_bc, s_rank, s_dt, s_softplus)
+
+
+def ssm_projections_backward(d_delta: np.ndarray, dB: np.ndarray, dC: np.ndarray,
+                             saved: ProjectionsSaved, config, name: str):
+    """Backward of :func:`ssm_projections_forward`.
+
+    ``d delta_raw = d delta * sigmoid(delta_raw)``, through ``dt_proj`` and
+    ``dt_rank``; ``d bc = [dB ; dC]`` through ``bc_proj``; the two ``d xs``
+    summed (``xs`` feeds both).
+
+    Parameters
+    ----------
+    d_delta : ndarray ``[batch, seq_len, inner]``
+    dB, dC : ndarray ``[batch, seq_len, N]``
+    saved : ProjectionsSaved
+    config : GatedSSMConfig
+    name : str
+
+    Returns
+    -------
+    dxs : ndarray ``[batch, seq_len, inner]``
+    fragment : dict
+        ``{name}_bc_proj``, ``{name}_dt_rank``, ``{name}_dt_proj``: ``kernel`` and ``bias`` each.
+
+    Examples
+    --------
+    See :func:`ssm_projections_forward`.
+    """
+    frag = {}
+    d_delta_raw = softplus_backward(d_delta, saved.softplus)["x"]
+    d_dt_low, g = dense_layer_backward(d_delta_raw, saved.dt_proj, f"{name}_dt_proj")
+    _merge_grads(frag, g)
+    dxs_dt, g = dense_layer_backward(d_dt_low, saved.dt_rank, f"{name}_dt_rank")
+    _merge_grads(frag, g)
+    dxs_bc, g = dense_layer_backward(np.concatenate([dB, dC], axis=-1), saved.bc_proj,
+                                     f"{name}_bc_proj")
+    _merge_grads(frag, g)
+    return dxs_bc + dxs_dt, frag
+
+
+class SelectiveSSMSaved(NamedTuple):
+    """Saved by :func:`selective_ssm_forward`.
+
+    Attributes
+    ----------
+    projections : ProjectionsSaved
+        ``delta, B, C`` from ``xs``.
+    core : GatedEMASaved
+        The gated core's own saved values (gates ``g, s``, the context, its engine and mode).
+    """
+
+    projections: ProjectionsSaved
+    core: GatedEMASaved
 
 
 def selective_ssm_forward(params: dict, xs: np.ndarray, config, name: str,
@@ -830,18 +1168,262 @@ def selective_ssm_forward(params: dict, xs: np.ndarray, config, name: str,
     y : ndarray ``[batch, seq_len, inner]``
         ``gx + (1 - g) ctx`` (before the ``silu(z)`` gate).
     last_context : ndarray ``[batch, inner]`` or None
-    saved : GatedEMASaved
+        None in legacy mode.
+    saved : SelectiveSSMSaved
+
+    Examples
+    --------
+    >>> c = GatedSSMConfig(embed_dim=4, hidden_size=4, state_size=2, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> xs = np.random.default_rng(0).standard_normal((2, 5, 8))
+    >>> y, last, s = selective_ssm_forward(p, xs, c, "mamba_block_1_ssm")
+    >>> dxs, d_ctx0, frag = selective_ssm_backward(np.ones_like(y), None, s, c,
+    ...                                            "mamba_block_1_ssm")
+    >>> y.shape, last.shape, dxs.shape, d_ctx0.shape
+    ((2, 5, 8), (2, 8), (2, 5, 8), (2, 8))
     """
     c = as_config(config)
-    delta, B, C = _ssm_projections(params, xs, c, name)
-    return gated_ema_forward(xs, delta, B, C, alpha=c.alpha, scan_mode=c.scan_mode,
-                             initial_context=context0, engine=engine)
+    delta, B, C, s_proj = ssm_projections_forward(params, xs, c, name)
+    y, last, s_core = gated_ema_forward(xs, delta, B, C, alpha=c.alpha, scan_mode=c.scan_mode,
+                                        initial_context=context0, engine=engine)
+    return y, last, SelectiveSSMSaved(s_proj, s_core)
+
+
+def selective_ssm_backward(dy: np.ndarray, d_last_context: Optional[np.ndarray],
+                           saved: SelectiveSSMSaved, config, name: str):
+    """Backward of :func:`selective_ssm_forward`: the core's backward (a reverse-time scan in
+    causal mode, :func:`refssm.ssm.gated_ema.gated_ema_backward`), then the projections'.
+
+    ``xs`` feeds both the projections and the core, so its gradient is the sum of the two.
+
+    Parameters
+    ----------
+    dy : ndarray ``[batch, seq_len, inner]``
+    d_last_context : ndarray ``[batch, inner]`` or None
+        Gradient of the returned ``last_context`` (causal mode; None: zero).
+    saved : SelectiveSSMSaved
+    config : GatedSSMConfig
+    name : str
+
+    Returns
+    -------
+    dxs : ndarray ``[batch, seq_len, inner]``
+    d_context0 : ndarray ``[batch, inner]`` or None
+        Gradient of the incoming context (None in legacy mode).
+    fragment : dict
+        The three projections' ``kernel`` and ``bias`` (the core has no parameters).
+
+    Examples
+    --------
+    See :func:`selective_ssm_forward`.
+    """
+    g = gated_ema_backward(dy, d_last_context, saved.core)
+    dxs_proj, frag = ssm_projections_backward(g["delta"], g["B"], g["C"], saved.projections,
+                                              config, name)
+    return g["x"] + dxs_proj, g["initial_context"], frag
+
+
+class OutputGateSaved(NamedTuple):
+    """Saved by :func:`output_gate_forward`.
+
+    Attributes
+    ----------
+    y : ndarray ``[batch, seq_len, inner]``
+        The SSM output.
+    silu_z : ndarray ``[batch, seq_len, inner]``
+        ``silu(z)``.
+    z : ActivationSaved
+        ``z`` (for ``silu'``).
+    """
+
+    y: np.ndarray
+    silu_z: np.ndarray
+    z: ActivationSaved
+
+
+def output_gate_forward(y: np.ndarray, z: np.ndarray):
+    """``v = y * silu(z)``: the SSM output gated by the other half of ``in_proj``.
+
+    Parameters
+    ----------
+    y, z : ndarray ``[batch, seq_len, inner]`` (or one frame ``[batch, inner]``)
+
+    Returns
+    -------
+    v : ndarray, the shape of ``y``
+    saved : OutputGateSaved
+
+    Examples
+    --------
+    >>> v, s = output_gate_forward(np.array([2.0]), np.array([0.0]))
+    >>> v, output_gate_backward(np.array([1.0]), s)
+    (array([0.]), (array([0.]), array([1.])))
+    """
+    silu_z, s_z = silu_forward(z)
+    return y * silu_z, OutputGateSaved(y, silu_z, s_z)
+
+
+def output_gate_backward(dv: np.ndarray, saved: OutputGateSaved):
+    """Backward of :func:`output_gate_forward`: ``dy = dv silu(z)``, ``dz = dv y silu'(z)``.
+
+    Parameters
+    ----------
+    dv : ndarray ``[batch, seq_len, inner]``
+    saved : OutputGateSaved
+
+    Returns
+    -------
+    dy, dz : ndarray ``[batch, seq_len, inner]``
+
+    Examples
+    --------
+    See :func:`output_gate_forward`.
+    """
+    return dv * saved.silu_z, silu_backward(dv * saved.y, saved.z)["x"]
+
+
+class GatedSSMBlockSaved(NamedTuple):
+    """What one block's forward keeps for its backward, by equation.
+
+    Attributes
+    ----------
+    layer_idx : int
+        1-based (the layer names ``mamba_block_{layer_idx}_*``).
+    norm : LayerNormSaved
+        ``u = LayerNorm(x)``.
+    in_proj : DenseSaved
+        ``xs0, z = split(in_proj(u))``.
+    conv : CausalConv1dSaved
+        ``pre = conv_proj(causal_mean(xs0))``.
+    silu : ActivationSaved
+        ``xs = silu(pre)``.
+    ssm : SelectiveSSMSaved
+        ``y`` from ``xs`` (projections and the gated core).
+    gate : OutputGateSaved
+        ``v = y * silu(z)``.
+    out_proj : DenseSaved
+        ``out = out_proj(v)``.
+    """
+
+    layer_idx: int
+    norm: LayerNormSaved
+    in_proj: DenseSaved
+    conv: CausalConv1dSaved
+    silu: ActivationSaved
+    ssm: SelectiveSSMSaved
+    gate: OutputGateSaved
+    out_proj: DenseSaved
+
+
+def mamba_block_forward_with_saved(params: dict, x: np.ndarray, config, layer_idx: int,
+                                   conv_buffer: Optional[np.ndarray] = None,
+                                   context0: Optional[np.ndarray] = None, *,
+                                   engine: str = "numpy"):
+    """One GatedSSM block over a sequence (without the residual add), keeping what the
+    backward needs.
+
+    Parameters
+    ----------
+    params : dict
+    x : ndarray ``[batch, seq_len, hidden]``
+    config : GatedSSMConfig
+    layer_idx : int
+        1-based.
+    conv_buffer : ndarray ``[batch, conv_size-1, inner]``, optional
+    context0 : ndarray ``[batch, inner]``, optional
+        Causal mode only.
+    engine : {"numpy", "numba"}
+
+    Returns
+    -------
+    out : ndarray ``[batch, seq_len, hidden]``
+    conv_buffer : ndarray ``[batch, conv_size-1, inner]``
+    last_context : ndarray ``[batch, inner]`` or None
+        None in legacy mode.
+    saved : GatedSSMBlockSaved
+
+    Examples
+    --------
+    >>> c = GatedSSMConfig(embed_dim=4, hidden_size=4, state_size=2, conv_size=3, num_layers=1)
+    >>> p = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 4))
+    >>> out, buf, ctx, s = mamba_block_forward_with_saved(p, x, c, 1)
+    >>> dx, dbuf, dctx0, frag = mamba_block_backward(np.ones_like(out), None, None, s, c)
+    >>> dx.shape, dbuf.shape, dctx0.shape, set(frag) == set(param_shapes(c))
+    ((2, 5, 4), (2, 2, 8), (2, 8), True)
+    """
+    c = as_config(config)
+    b = _block_name(layer_idx)
+    u, s_norm = norm_forward(params, x, c, f"{b}_norm")                            # [b, L, H]
+    xs0, z, s_in = in_proj_forward(params, u, c, f"{b}_in_proj")                   # [b, L, E] x2
+    pre, conv_buffer, s_conv = causal_conv1d_forward(params, xs0, f"{b}_conv", c.conv_size,
+                                                     conv_buffer)                  # [b, L, E]
+    xs, s_silu = silu_forward(pre)                                                 # [b, L, E]
+    y, last, s_ssm = selective_ssm_forward(params, xs, c, f"{b}_ssm", context0,
+                                           engine=engine)                          # [b, L, E]
+    v, s_gate = output_gate_forward(y, z)                                          # [b, L, E]
+    out, s_out = dense_layer_forward(params, v, f"{b}_out_proj")                   # [b, L, H]
+    saved = GatedSSMBlockSaved(int(layer_idx), s_norm, s_in, s_conv, s_silu, s_ssm, s_gate,
+                               s_out)
+    return out, conv_buffer, last, saved
+
+
+def mamba_block_backward(d_out: np.ndarray, d_conv_buffer: Optional[np.ndarray],
+                         d_last_context: Optional[np.ndarray], saved: GatedSSMBlockSaved,
+                         config):
+    """Backward of :func:`mamba_block_forward_with_saved`, the equations in reverse order.
+
+    Parameters
+    ----------
+    d_out : ndarray ``[batch, seq_len, hidden]``
+    d_conv_buffer : ndarray ``[batch, conv_size-1, inner]`` or None
+        Gradient of the returned conv buffer (None: zero).
+    d_last_context : ndarray ``[batch, inner]`` or None
+        Gradient of the returned context (causal mode; None: zero).
+    saved : GatedSSMBlockSaved
+    config : GatedSSMConfig
+
+    Returns
+    -------
+    dx : ndarray ``[batch, seq_len, hidden]``
+        Gradient of the block's input (add the residual's yourself).
+    d_conv_buffer0 : ndarray ``[batch, conv_size-1, inner]``
+        Gradient of the incoming conv buffer.
+    d_context0 : ndarray ``[batch, inner]`` or None
+        Gradient of the incoming context (None in legacy mode).
+    fragment : dict
+        The block's layers of the parameter-gradient tree.
+
+    Examples
+    --------
+    See :func:`mamba_block_forward_with_saved`.
+    """
+    c = as_config(config)
+    b = _block_name(saved.layer_idx)
+    frag = {}
+    dv, g = dense_layer_backward(d_out, saved.out_proj, f"{b}_out_proj")
+    _merge_grads(frag, g)
+    dy, dz = output_gate_backward(dv, saved.gate)
+    dxs, d_context0, g = selective_ssm_backward(dy, d_last_context, saved.ssm, c, f"{b}_ssm")
+    _merge_grads(frag, g)
+    d_pre = silu_backward(dxs, saved.silu)["x"]
+    dxs0, d_conv_buffer0, g = causal_conv1d_backward(d_pre, d_conv_buffer, saved.conv,
+                                                     f"{b}_conv")
+    _merge_grads(frag, g)
+    du, g = in_proj_backward(dxs0, dz, saved.in_proj, c, f"{b}_in_proj")
+    _merge_grads(frag, g)
+    dx, g = norm_backward(du, saved.norm, c, f"{b}_norm")
+    _merge_grads(frag, g)
+    return dx, d_conv_buffer0, d_context0, frag
 
 
 def mamba_block_forward(params: dict, x: np.ndarray, config, layer_idx: int,
                         conv_buffer: Optional[np.ndarray] = None,
                         context0: Optional[np.ndarray] = None, *, engine: str = "numpy"):
     """One GatedSSM block over a sequence (without the residual add).
+
+    :func:`mamba_block_forward_with_saved`, returning only the gated core's
+    saved values (the gates and the context, for tracing and plots).
 
     Parameters
     ----------
@@ -858,17 +1440,9 @@ def mamba_block_forward(params: dict, x: np.ndarray, config, layer_idx: int,
     last_context : ndarray ``[batch, inner]`` or None
     saved : GatedEMASaved
     """
-    c = as_config(config)
-    b = _block_name(layer_idx)
-    E = c.inner_size
-    u = _layer_norm(params[f"{b}_norm"], x, c)                                # [batch, L, H]
-    xz = _dense(params[f"{b}_in_proj"], u)                                    # [batch, L, 2E]
-    xs, z = xz[..., :E], xz[..., E:]
-    xs, conv_buffer = causal_conv1d_forward(params, xs, f"{b}_conv", c.conv_size, conv_buffer)
-    xs = silu_forward(xs)[0]                                                  # [batch, L, E]
-    y, last, saved = selective_ssm_forward(params, xs, c, f"{b}_ssm", context0, engine=engine)
-    out = _dense(params[f"{b}_out_proj"], y * silu_forward(z)[0])
-    return out, conv_buffer, last, saved
+    out, conv_buffer, last, saved = mamba_block_forward_with_saved(
+        params, x, config, layer_idx, conv_buffer, context0, engine=engine)
+    return out, conv_buffer, last, saved.ssm.core
 
 
 def _check_x(x, c: GatedSSMConfig, name="x"):
@@ -879,6 +1453,65 @@ def _check_x(x, c: GatedSSMConfig, name="x"):
     if x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"{name}: expected batch >= 1 and seq_len >= 1, got shape {x.shape}")
     return x
+
+
+def _run(params: dict, x, config, state, return_sequence: bool, training: bool, seed,
+         engine: str, caller: str, keep_saved: bool):
+    """The model over a sequence, for :func:`forward` and :func:`forward_with_saved`.
+
+    Returns ``(GatedSSMOutput, GatedSSMSaved or None)``; with ``keep_saved``
+    False no block's saved values outlive its block.
+    """
+    c = as_config(config)
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    x = _check_x(x, c)
+    params = check_params(params, param_shapes(c))
+    batch, seq_len = x.shape[:2]
+    causal = c.scan_mode == "causal"
+    if state is not None and not causal:
+        raise ValueError("state: GatedSSM scan_mode 'legacy' has no carried state (its weights "
+                         "are normalised over the whole sequence), expected None")
+    has_state = state is not None
+    state = (init_cache(c, batch) if state is None else _check_cache(state, c, batch)) \
+        if causal else None
+    rng = None
+    if training and c.dropout > 0:
+        if seed is None:
+            raise ValueError(f"{caller}: training=True with dropout > 0 needs seed (int or numpy "
+                             f"Generator), got None")
+        rng = _rng(seed)
+    s_input = None
+    if "input_projection" in params:
+        x, s_input = dense_layer_forward(params, x, "input_projection")      # [batch, L, H]
+    hidden_states = [x]
+    if causal:
+        new_ctx = np.empty(state.context.shape, dtype=np.result_type(state.context, x))
+        new_conv = np.empty(state.conv.shape, dtype=np.result_type(state.conv, x))
+    blocks, dropouts = [], []
+    for i in range(1, c.num_layers + 1):
+        conv_in = state.conv[:, i - 1] if causal else None
+        ctx_in = state.context[:, i - 1] if causal else None
+        out, conv_out, ctx_out, s_block = mamba_block_forward_with_saved(
+            params, x, c, i, conv_in, ctx_in, engine=engine)
+        if causal:
+            new_conv[:, i - 1], new_ctx[:, i - 1] = conv_out, ctx_out
+        x = x + out                                                           # residual
+        s_drop = None
+        if rng is not None and i < c.num_layers:                              # between blocks
+            x, s_drop = dropout_forward(x, c.dropout, training=True, rng=rng)
+        if keep_saved:
+            blocks.append(s_block)
+            if i < c.num_layers:
+                dropouts.append(s_drop)
+        hidden_states.append(x)
+    output = x if return_sequence else x[:, -1]
+    new_state = GatedSSMCache(new_ctx, new_conv) if causal else None
+    result = GatedSSMOutput(output, new_state, tuple(hidden_states))
+    if not keep_saved:
+        return result, None
+    return result, GatedSSMSaved(c, s_input, tuple(blocks), tuple(dropouts), batch, seq_len,
+                                 bool(return_sequence), has_state)
 
 
 def forward(params: dict, x, config=None, *, state: Optional[GatedSSMCache] = None,
@@ -925,44 +1558,8 @@ def forward(params: dict, x, config=None, *, state: Optional[GatedSSMCache] = No
     >>> bool(np.allclose(np.concatenate([a.output, b.output], 1), full.output, rtol=0, atol=1e-13))
     True
     """
-    c = as_config(config)
-    if engine not in ENGINES:
-        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    x = _check_x(x, c)
-    params = check_params(params, param_shapes(c))
-    batch = x.shape[0]
-    causal = c.scan_mode == "causal"
-    if state is not None and not causal:
-        raise ValueError("state: GatedSSM scan_mode 'legacy' has no carried state (its weights "
-                         "are normalised over the whole sequence), expected None")
-    state = (init_cache(c, batch) if state is None else _check_cache(state, c, batch)) \
-        if causal else None
-    rng = None
-    if training and c.dropout > 0:
-        if seed is None:
-            raise ValueError("forward: training=True with dropout > 0 needs seed (int or numpy "
-                             "Generator), got None")
-        rng = _rng(seed)
-    if "input_projection" in params:
-        x = _dense(params["input_projection"], x)                             # [batch, L, H]
-    hidden_states = [x]
-    if causal:
-        new_ctx = np.empty(state.context.shape, dtype=np.result_type(state.context, x))
-        new_conv = np.empty(state.conv.shape, dtype=np.result_type(state.conv, x))
-    for i in range(1, c.num_layers + 1):
-        conv_in = state.conv[:, i - 1] if causal else None
-        ctx_in = state.context[:, i - 1] if causal else None
-        out, conv_out, ctx_out, _ = mamba_block_forward(params, x, c, i, conv_in, ctx_in,
-                                                        engine=engine)
-        if causal:
-            new_conv[:, i - 1], new_ctx[:, i - 1] = conv_out, ctx_out
-        x = x + out                                                           # residual
-        if rng is not None and i < c.num_layers:                              # between blocks
-            x = dropout_forward(x, c.dropout, training=True, rng=rng)[0]
-        hidden_states.append(x)
-    output = x if return_sequence else x[:, -1]
-    new_state = GatedSSMCache(new_ctx, new_conv) if causal else None
-    return GatedSSMOutput(output, new_state, tuple(hidden_states))
+    return _run(params, x, config, state, return_sequence, training, seed, engine,
+                caller="forward", keep_saved=False)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -996,7 +1593,7 @@ def selective_ssm_step(params: dict, xs: np.ndarray, context: np.ndarray, config
     context : ndarray ``[batch, inner]``
     """
     c = as_config(config)
-    delta, B, C = _ssm_projections(params, xs, c, name)
+    delta, B, C, _ = ssm_projections_forward(params, xs, c, name)
     return gated_ema_step(xs, delta, B, C, context, c.alpha)
 
 
@@ -1017,14 +1614,13 @@ def mamba_block_step(params: dict, frame: np.ndarray, conv_buffer: np.ndarray,
     """
     c = as_config(config)
     b = _block_name(layer_idx)
-    E = c.inner_size
-    u = _layer_norm(params[f"{b}_norm"], frame, c)
-    xz = _dense(params[f"{b}_in_proj"], u)                                    # [batch, 2E]
-    xs, z = xz[..., :E], xz[..., E:]
+    u, _ = norm_forward(params, frame, c, f"{b}_norm")                         # [batch, H]
+    xs, z, _ = in_proj_forward(params, u, c, f"{b}_in_proj")                    # [batch, E] x2
     xs, conv_buffer = causal_conv1d_step(params, xs, f"{b}_conv", c.conv_size, conv_buffer)
     xs = silu_forward(xs)[0]
     y, context = selective_ssm_step(params, xs, context, c, f"{b}_ssm")
-    return _dense(params[f"{b}_out_proj"], y * silu_forward(z)[0]), conv_buffer, context
+    out = dense_layer_forward(params, output_gate_forward(y, z)[0], f"{b}_out_proj")[0]
+    return out, conv_buffer, context
 
 
 def step(params: dict, cache: GatedSSMCache, frame, config=None):
@@ -1079,3 +1675,261 @@ def step(params: dict, cache: GatedSSMCache, frame, config=None):
             params, x, cache.conv[:, i - 1], cache.context[:, i - 1], c, i)
         x = x + out
     return x, GatedSSMCache(new_ctx, new_conv)
+
+
+# ---------------------------------------------------------------------------
+# Manual backward of the whole model
+# ---------------------------------------------------------------------------
+
+class GatedSSMSaved(NamedTuple):
+    """What :func:`forward_with_saved` keeps for :func:`backward`.
+
+    Attributes
+    ----------
+    config : GatedSSMConfig
+    input_projection : DenseSaved or None
+        None when ``embed_dim == hidden_size`` (no projection).
+    blocks : tuple of GatedSSMBlockSaved
+        One per layer, in order.
+    dropouts : tuple of DropoutSaved or None
+        After block ``i`` (``i < num_layers``); None entries when no dropout was
+        applied (inference, or ``dropout == 0``). ``DropoutSaved.scale`` is
+        the mask divided by ``1 - rate``.
+    batch, seq_len : int
+    return_sequence : bool
+        The output was ``[batch, seq_len, hidden]`` (else the last timestep).
+    has_state : bool
+        A carried ``state`` was given (causal mode; then :func:`backward`
+        returns its gradient).
+    """
+
+    config: GatedSSMConfig
+    input_projection: Optional[DenseSaved]
+    blocks: tuple
+    dropouts: tuple
+    batch: int
+    seq_len: int
+    return_sequence: bool
+    has_state: bool
+
+
+class GatedSSMGrads(NamedTuple):
+    """What :func:`backward` returns.
+
+    Attributes
+    ----------
+    x : ndarray ``[batch, seq_len, embed_dim]``
+        Gradient of the model input.
+    params : dict
+        ``{layer: {name: grad}}``, exactly the layers, names, order and shapes
+        of the parameter tree (:func:`param_shapes`).
+    state : GatedSSMCache or None
+        Gradient of the carried initial ``state`` (``context [batch,
+        num_layers, inner]``, ``conv [batch, num_layers, conv_size-1,
+        inner]``); None when :func:`forward_with_saved` was called without one
+        (always in legacy mode, which takes no state).
+    """
+
+    x: np.ndarray
+    params: dict
+    state: Optional[GatedSSMCache]
+
+
+def forward_with_saved(params: dict, x, config=None, *, state: Optional[GatedSSMCache] = None,
+                       return_sequence: bool = False, training: bool = False, seed=None,
+                       engine: str = "numpy"):
+    """:func:`forward` that also keeps, per layer, the named values :func:`backward` needs.
+
+    Same arguments and, bit for bit, the same numbers as :func:`forward` (the
+    same functions run; dropout included: the same ``seed`` draws the same
+    masks, and the masks are saved). Both scan modes: the legacy mode's
+    backward differentiates the whole-sequence forward (it has no state).
+
+    Parameters
+    ----------
+    params : dict
+    x : ndarray ``[batch, seq_len, embed_dim]``
+    config : GatedSSMConfig or dict
+    state : GatedSSMCache, optional
+        Carried state (causal mode only; then :func:`backward` also returns its gradient).
+    return_sequence : bool
+    training : bool
+        Dropout between blocks (rate ``config.dropout``, needs ``seed``); its
+        masks are saved and used by the backward.
+    seed : int or numpy Generator
+    engine : {"numpy", "numba"}
+        Engine of the gated core; its backward is used by :func:`backward`.
+
+    Returns
+    -------
+    result : GatedSSMOutput
+        ``(output, state, hidden_states)``, as :func:`forward`.
+    saved : GatedSSMSaved
+
+    Raises
+    ------
+    ValueError
+        As :func:`forward`.
+
+    Examples
+    --------
+    The gradient of the scalar loss ``sum(W * output)``:
+
+    >>> c = GatedSSMConfig(embed_dim=3, hidden_size=8, state_size=2, num_layers=2)
+    >>> params = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    >>> res, saved = forward_with_saved(params, x, c)
+    >>> W = np.random.default_rng(1).standard_normal(res.output.shape)
+    >>> grads = backward(W, saved)
+    >>> grads.x.shape, grads.state, list(grads.params) == list(params)
+    ((2, 5, 3), None, True)
+
+    It agrees with a central finite difference of :func:`forward` along a direction ``V``:
+
+    >>> V = np.random.default_rng(2).standard_normal(x.shape)
+    >>> loss = lambda x_: float(np.sum(W * forward(params, x_, c).output))
+    >>> fd = (loss(x + 1e-5 * V) - loss(x - 1e-5 * V)) / 2e-5
+    >>> bool(abs(fd - np.sum(grads.x * V)) <= 1e-8 * abs(fd))
+    True
+
+    The legacy scan mode (preset ``edifice``) has a backward too, of the
+    whole-sequence forward, here along a direction of ``dt_proj``'s kernel:
+
+    >>> legacy = c.replace(preset="edifice")
+    >>> res, saved = forward_with_saved(params, x, legacy, return_sequence=True)
+    >>> W = np.random.default_rng(3).standard_normal(res.output.shape)
+    >>> g = backward(W, saved).params["mamba_block_1_ssm_dt_proj"]["kernel"]
+    >>> V = np.random.default_rng(4).standard_normal(g.shape)
+    >>> def loss(eps):
+    ...     p = {k: dict(v) for k, v in params.items()}
+    ...     p["mamba_block_1_ssm_dt_proj"]["kernel"] = params["mamba_block_1_ssm_dt_proj"]["kernel"] + eps * V
+    ...     return float(np.sum(W * forward(p, x, legacy, return_sequence=True).output))
+    >>> fd = (loss(1e-5) - loss(-1e-5)) / 2e-5
+    >>> bool(abs(fd - np.sum(g * V)) <= 1e-8 * abs(fd)), res.state
+    (True, None)
+    """
+    return _run(params, x, config, state, return_sequence, training, seed, engine,
+                caller="forward_with_saved", keep_saved=True)
+
+
+def _check_d_state(d_state, c: GatedSSMConfig, batch: int):
+    """``d_state`` as ``(context or None, conv or None)`` with the cache's shapes."""
+    if d_state is None:
+        return None, None
+    if c.scan_mode == "legacy":
+        raise ValueError("d_state: GatedSSM scan_mode 'legacy' returns no state (its weights are "
+                         "normalised over the whole sequence), expected None")
+    if not (isinstance(d_state, tuple) and len(d_state) == 2):
+        raise ValueError(f"d_state: expected a GatedSSMCache (context, conv) of gradients "
+                         f"(either may be None), got {type(d_state).__name__}")
+    out = []
+    for name, value, want, axes in (
+            ("context", d_state[0], (batch, c.num_layers, c.inner_size),
+             "[batch, num_layers, inner]"),
+            ("conv", d_state[1], (batch, c.num_layers, c.conv_size - 1, c.inner_size),
+             "[batch, num_layers, conv_size-1, inner]")):
+        if value is not None:
+            value = as_float_array(value, f"d_state.{name}", ndim=len(want))
+            if value.shape != want:
+                raise ValueError(f"d_state.{name}: expected shape {want} {axes}, got {value.shape}")
+        out.append(value)
+    return tuple(out)
+
+
+def backward(d_out, saved: GatedSSMSaved, *,
+             d_state: Optional[GatedSSMCache] = None) -> GatedSSMGrads:
+    """Manual backward of the whole model: gradients of a scalar loss from those of the outputs.
+
+    Given ``d_out = dLoss/d output`` (and optionally, in causal mode,
+    ``d_state = dLoss/d state``, the returned carried state, for a loss on it
+    or to backpropagate through the next chunk), returns ``dLoss/dx``,
+    ``dLoss/dparams`` in the tree's layout, and ``dLoss/d state_in`` when a
+    carried state was given. Runs the forward's equations in reverse: per
+    block (last first) dropout, residual (``dx += d block_input``), the
+    block's backward (:func:`mamba_block_backward`), then the input projection.
+
+    Parameters
+    ----------
+    d_out : ndarray
+        ``[batch, hidden]`` (last timestep) or ``[batch, seq_len, hidden]``
+        (``return_sequence``), as the forward's output.
+    saved : GatedSSMSaved
+        From :func:`forward_with_saved` (its core engine's backward is used).
+    d_state : GatedSSMCache, optional
+        Causal mode: gradients of the returned state, ``context [batch,
+        num_layers, inner]`` and ``conv [batch, num_layers, conv_size-1,
+        inner]`` (either may be None; None means zero). Legacy mode returns no
+        state: None only.
+
+    Returns
+    -------
+    GatedSSMGrads
+        ``(x, params, state)``: ``x [batch, seq_len, embed_dim]``; ``params``
+        with exactly the layers and names of the parameter tree; ``state``
+        a :class:`GatedSSMCache` of gradients, or None without a carried state.
+
+    Raises
+    ------
+    ValueError
+        ``d_out`` or ``d_state`` of the wrong shape or not finite, a
+        ``d_state`` in legacy mode, ``saved`` not from :func:`forward_with_saved`.
+
+    Examples
+    --------
+    Processing in chunks and backpropagating through the carried state gives
+    the one-call gradients:
+
+    >>> c = GatedSSMConfig(embed_dim=3, hidden_size=8, state_size=2, conv_size=3)
+    >>> params = random_params(c, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((1, 6, 3))
+    >>> W = np.random.default_rng(1).standard_normal((1, 6, 8))
+    >>> full, s = forward_with_saved(params, x, c, return_sequence=True)
+    >>> g = backward(W, s)
+    >>> a, sa = forward_with_saved(params, x[:, :4], c, return_sequence=True)
+    >>> b, sb = forward_with_saved(params, x[:, 4:], c, state=a.state, return_sequence=True)
+    >>> gb = backward(W[:, 4:], sb)
+    >>> ga = backward(W[:, :4], sa, d_state=gb.state)
+    >>> dx = np.concatenate([ga.x, gb.x], axis=1)
+    >>> bool(np.allclose(dx, g.x, rtol=0, atol=1e-13))
+    True
+    """
+    if not isinstance(saved, GatedSSMSaved):
+        raise ValueError(f"saved: expected the GatedSSMSaved of forward_with_saved, got "
+                         f"{type(saved).__name__}")
+    c = saved.config
+    batch, seq_len, H = saved.batch, saved.seq_len, c.hidden_size
+    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
+    d_out = as_float_array(d_out, "d_out", ndim=len(want))
+    if d_out.shape != want:
+        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
+        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
+                         f"got {d_out.shape}")
+    d_ctx, d_conv = _check_d_state(d_state, c, batch)
+    dtype = np.result_type(d_out, np.float64)
+    dparams = {}
+    # --- output: last timestep or the whole sequence -------------------------
+    if saved.return_sequence:
+        dx = np.array(d_out, dtype=dtype)                                 # [batch, L, H]
+    else:
+        dx = np.zeros((batch, seq_len, H), dtype=dtype)
+        dx[:, -1] = d_out
+    # --- blocks, last first: x_i = dropout(x_{i-1} + block_i(x_{i-1})) ------
+    causal = c.scan_mode == "causal"
+    dctx0 = np.zeros((batch, c.num_layers, c.inner_size), dtype=dtype)
+    dconv0 = np.zeros((batch, c.num_layers, c.conv_size - 1, c.inner_size), dtype=dtype)
+    for i in range(c.num_layers, 0, -1):
+        if i < c.num_layers and saved.dropouts[i - 1] is not None:
+            dx = dropout_backward(dx, saved.dropouts[i - 1])["x"]
+        d_block_in, dconv0[:, i - 1], d_ctx_i, g = mamba_block_backward(
+            dx, None if d_conv is None else d_conv[:, i - 1],
+            None if d_ctx is None else d_ctx[:, i - 1], saved.blocks[i - 1], c)
+        if causal:
+            dctx0[:, i - 1] = d_ctx_i
+        _merge_grads(dparams, g)
+        dx = dx + d_block_in                                              # residual
+    if saved.input_projection is not None:
+        dx, g = dense_layer_backward(dx, saved.input_projection, "input_projection")
+        _merge_grads(dparams, g)
+    tree = grad_tree(dparams, param_shapes(c))                            # the params' order
+    d_state_in = GatedSSMCache(dctx0, dconv0) if saved.has_state else None
+    return GatedSSMGrads(dx, tree, d_state_in)
