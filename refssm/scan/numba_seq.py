@@ -91,7 +91,8 @@ if ir_fingerprint() != _FEXP_FINGERPRINT:  # pragma: no cover - a developer's re
         "so that Numba recompiles the cached kernels that inline fexp")
 
 __all__ = ["NumbaSaved", "fused_forward", "fused_backward", "scan_core_forward",
-           "scan_core_backward", "CHUNK", "N_PARTS"]
+           "scan_core_backward", "prologue", "prologue_backward", "epilogue",
+           "epilogue_backward", "CHUNK", "N_PARTS"]
 
 #: Time steps between two saved states (the backward recomputes one chunk at a time).
 CHUNK = 64
@@ -426,6 +427,40 @@ def _mean_fix_body(builder, v, s):
     return {2: b.fadd(dd, add), 3: b.fadd(db, add)}, []
 
 
+def _prologue_body(builder, v, s):
+    # arrays: delta, bias, dt, dtB; scalars: sp, lo, hi, mean?, dt_mean (the unfused prologue)
+    b = builder
+    delta, bias, _, _ = v
+    sp, lo, hi, mmean, dtm = s
+    _, dt = _step_size(b, b.fadd(delta, bias), sp, lo, hi)
+    return {2: dt, 3: _flag(b, mmean, dtm, dt)}, []
+
+
+def _prologue_backward_body(builder, v, s):
+    # arrays: delta, bias, d dt, d dtB, d_delta; scalars: sp, lo, hi, mean?, g (mean of d dtB)
+    b = builder
+    delta, bias, ddt, ddtB, _ = v
+    sp, lo, hi, mmean, g = s
+    x = b.fadd(delta, bias)
+    raw, _ = _step_size(b, x, sp, lo, hi)
+    tot = b.fadd(ddt, _flag(b, mmean, g, ddtB))
+    return {4: b.fmul(tot, _step_size_grad(b, x, raw, sp, lo, hi))}, []
+
+
+def _epilogue_backward_body(builder, v, s):
+    # arrays: d_out, y_core, D, u, z, dy, dz; scalars: D?, z?
+    # out = (y + D u) silu(z): dz = d_out (y + D u) silu'(z), dy = d_out silu(z)
+    b = builder
+    dout, y, D, u, z, _, _ = v
+    hasD, hasz = s
+    one = _const(z.type, 1.0)
+    y = _flag(b, hasD, b.fadd(y, b.fmul(D, u)), y)
+    sg = build_sigmoid(b, z)
+    dsilu = b.fmul(sg, b.fadd(one, b.fmul(z, b.fsub(one, sg))))
+    return {5: _flag(b, hasz, b.fmul(dout, b.fmul(z, sg)), dout),
+            6: b.fmul(b.fmul(dout, y), dsilu)}, []
+
+
 def _forward_step_body(builder, v, s):
     # arrays: h, A, B, C; scalars: dt, dtB * u.  a = fexp(dt A); h = a h + (dtB u) B; y = sum C h
     h, A, B, C = v
@@ -478,6 +513,12 @@ _store_backward = _loop_intrinsic("_store_backward", 7, 1, _store_backward_body,
 _store_core = _loop_intrinsic("_store_core", 6, 0, _store_core_body, 0)
 #: ``_mean_fix(delta, bias, d_delta, db_row, sp, lo, hi, g, n)``: adds ``g * dt'(x)``.
 _mean_fix = _loop_intrinsic("_mean_fix", 4, 4, _mean_fix_body, 0)
+#: ``_prologue(delta, bias, dt, dtB, sp, lo, hi, mean, dt_mean, n)``: the prologue of a row.
+_prologue = _loop_intrinsic("_prologue", 4, 5, _prologue_body, 0)
+#: ``_prologue_backward(delta, bias, ddt, ddtB, d_delta, sp, lo, hi, mean, g, n)``
+_prologue_backward = _loop_intrinsic("_prologue_backward", 5, 5, _prologue_backward_body, 0)
+#: ``_epilogue_backward(d_out, y_core, D, u, z, dy, dz, hasD, hasz, n)``
+_epilogue_backward = _loop_intrinsic("_epilogue_backward", 7, 2, _epilogue_backward_body, 0)
 #: ``_forward_step(h, A_c, B_t, C_t, dt, dtB_u, N) -> y``: one forward step of one channel.
 _forward_step = _loop_intrinsic("_forward_step", 4, 2, _forward_step_body, 1)
 #: ``_recompute_step(h_prev, h, a, A_c, B_t, C_t, dt, dtB_u, N) -> y_core``: fills
@@ -587,6 +628,124 @@ def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk
                 _store_forward(yS, k * cblk, D, c0, uf, o, zf, o, outf, o, hasD, hasz, nb)
         for cc in range(nb):
             h_last[b, c0 + cc, :] = H[cc]
+
+
+# --------------------------------------------------------------------------
+# the prologue and epilogue alone (for engines without the fused kernel)
+# --------------------------------------------------------------------------
+# The log-depth engine scans given ``dt``/``dtB`` and returns ``y = C . h``; these
+# compute its prologue and epilogue (and their backward) with the fused kernels'
+# vector code, one parallel pass over ``[batch, seq_len, channels]`` each.
+
+@njit(parallel=True, cache=True)
+def _prologue_kernel(delta, bias, fl, dt_mean, dt, dtB):
+    batch, L, ch = delta.shape
+    df, dtf, dtBf = delta.reshape(-1), dt.reshape(-1), dtB.reshape(-1)
+    for r in prange(batch * L):
+        _prologue(df, r * ch, bias, 0, dtf, r * ch, dtBf, r * ch, fl[_SP], fl[_LO], fl[_HI],
+                  fl[_MEAN], dt_mean[r // L, r % L], ch)
+
+
+@njit(parallel=True, cache=True)
+def _epilogue_kernel(y, D, u, z, fl, out):
+    batch, L, ch = u.shape
+    yf, uf, zf, of = y.reshape(-1), u.reshape(-1), z.reshape(-1), out.reshape(-1)
+    for r in prange(batch * L):
+        _store_forward(yf, r * ch, D, 0, uf, r * ch, zf, r * ch, of, r * ch, fl[_HAS_D],
+                       fl[_HAS_Z], ch)
+
+
+@njit(parallel=True, cache=True)
+def _epilogue_backward_kernel(dout, y, D, u, z, fl, dy, dz):
+    batch, L, ch = u.shape
+    dof, yf, uf, zf = dout.reshape(-1), y.reshape(-1), u.reshape(-1), z.reshape(-1)
+    dyf, dzf = dy.reshape(-1), dz.reshape(-1)
+    for r in prange(batch * L):
+        o = r * ch
+        _epilogue_backward(dof, o, yf, o, D, 0, uf, o, zf, o, dyf, o, dzf, o, fl[_HAS_D],
+                           fl[_HAS_Z], ch)
+
+
+@njit(parallel=True, cache=True)
+def _prologue_backward_kernel(delta, bias, ddt, ddtB, fl, gmean, ddelta):
+    batch, L, ch = delta.shape
+    df, f1, f2, of = delta.reshape(-1), ddt.reshape(-1), ddtB.reshape(-1), ddelta.reshape(-1)
+    for r in prange(batch * L):
+        o = r * ch
+        _prologue_backward(df, o, bias, 0, f1, o, f2, o, of, o, fl[_SP], fl[_LO], fl[_HI],
+                           fl[_MEAN], gmean[r // L, r % L], ch)
+
+
+def prologue(delta, delta_bias, delta_softplus, delta_clip, delta_b_mean):
+    """``dt = clip(softplus(delta + delta_bias))`` and ``dtB`` (``dt`` or its channel mean).
+
+    The fused kernel's prologue as a pass of its own, ``[batch, seq_len,
+    channels]`` in and out (C-contiguous, float32 or float64); the same
+    meaning as the NumPy prologue of :func:`refssm.ssm.selective_scan.
+    selective_scan_forward`, to a few ulp.
+
+    Examples
+    --------
+    >>> dt, dtB = prologue(np.zeros((1, 1, 2)), None, True, None, False)
+    >>> dt
+    array([[[0.69314718, 0.69314718]]])
+    """
+    delta = np.ascontiguousarray(delta)
+    batch, L, ch = delta.shape
+    fl = _options(delta.dtype, delta_softplus, delta_clip, delta_b_mean, False, False, False)
+    bias = np.zeros(ch, delta.dtype) if delta_bias is None else np.ascontiguousarray(delta_bias)
+    dt_mean = np.zeros((batch, L), dtype=delta.dtype)
+    if delta_b_mean:
+        _step_mean_kernel(delta, bias, fl, dt_mean)
+    dt = np.empty_like(delta)
+    dtB = np.empty_like(delta) if delta_b_mean else dt
+    _prologue_kernel(delta, bias, fl, dt_mean, dt, dt if not delta_b_mean else dtB)
+    return dt, dtB
+
+
+def prologue_backward(ddt, ddtB, delta, delta_bias, delta_softplus, delta_clip, delta_b_mean):
+    """``d delta`` from ``d dt`` and ``d dtB`` (backward of :func:`prologue`)."""
+    delta = np.ascontiguousarray(delta)
+    batch, L, ch = delta.shape
+    fl = _options(delta.dtype, delta_softplus, delta_clip, delta_b_mean, False, False, False)
+    bias = np.zeros(ch, delta.dtype) if delta_bias is None else np.ascontiguousarray(delta_bias)
+    ddt, ddtB = np.ascontiguousarray(ddt), np.ascontiguousarray(ddtB)
+    gmean = (ddtB.mean(axis=-1) if delta_b_mean else np.zeros((batch, L), dtype=delta.dtype))
+    ddelta = np.empty_like(delta)
+    _prologue_backward_kernel(delta, bias, ddt, ddtB, fl, np.ascontiguousarray(gmean), ddelta)
+    return ddelta
+
+
+def epilogue(y_core, D, u, z):
+    """``out = (y_core + D u) * silu(z)`` (each term optional), one vector pass."""
+    u = np.ascontiguousarray(u)
+    fl = _options(u.dtype, False, None, False, False, D is not None, z is not None)
+    out = np.empty_like(u)
+    _epilogue_kernel(np.ascontiguousarray(y_core), _or(D, np.zeros(u.shape[2], u.dtype)), u,
+                     _or(z, u), fl, out)
+    return out
+
+
+def epilogue_backward(d_out, y_core, D, u, z):
+    """``(dy, dz)``: gradients of :func:`epilogue` with respect to ``y_core`` and ``z``.
+
+    Without a gate ``dy = d_out`` and ``dz`` is None.
+    """
+    u = np.ascontiguousarray(u)
+    d_out = np.ascontiguousarray(d_out, dtype=u.dtype)
+    if z is None:
+        return d_out, None
+    fl = _options(u.dtype, False, None, False, False, D is not None, True)
+    dy = np.empty_like(u)
+    dz = np.empty_like(u)
+    _epilogue_backward_kernel(d_out, np.ascontiguousarray(y_core),
+                              _or(D, np.zeros(u.shape[2], u.dtype)), u,
+                              np.ascontiguousarray(z), fl, dy, dz)
+    return dy, dz
+
+
+def _or(a, default):
+    return default if a is None else np.ascontiguousarray(a)
 
 
 def _channel_block(batch, channels):

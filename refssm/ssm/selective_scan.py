@@ -183,6 +183,9 @@ class SelectiveScanSaved:
     dt : ndarray ``[batch, seq_len, channels]`` or None
         After softplus and clip (before the channel mean).
     u, D, z, y_core : the epilogue's inputs (``y_core = C . h``; or None).
+    delta, delta_bias : ndarray or None
+        The raw step and its bias, kept (instead of ``delta_pre``) by the
+        ``"logdepth"`` engine, whose prologue backward recomputes from them.
     flags : dict
         ``delta_softplus, delta_clip, delta_b_mean, has_bias, B_kind, C_kind,
         B_shape, C_shape, state``.
@@ -197,6 +200,8 @@ class SelectiveScanSaved:
     z: Optional[np.ndarray]
     y_core: np.ndarray
     flags: dict
+    delta: Optional[np.ndarray] = None
+    delta_bias: Optional[np.ndarray] = None
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_clip):
@@ -312,6 +317,13 @@ def selective_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         out, last_state, core = mod.fused_forward(u, delta, delta_bias, delta_softplus,
                                                   delta_clip, delta_b_mean, A, B4, C4, D, z, h0)
         return out, last_state, SelectiveScanSaved(engine, core, None, None, u, D, z, None, flags)
+    if engine == "logdepth":   # its scan kernel, with the fused kernel's prologue/epilogue
+        from ..scan import numba_seq as fast
+        dt, dtB = fast.prologue(delta, delta_bias, delta_softplus, delta_clip, delta_b_mean)
+        y_core, last_state, core = mod.scan_core_forward(u, dt, dtB, A, B4, C4, h0)
+        out = fast.epilogue(y_core, D, u, z)
+        return out, last_state, SelectiveScanSaved(engine, core, None, dt, u, D, z, y_core,
+                                                   flags, delta, delta_bias)
     # --- prologue: the step size --------------------------------------------
     delta_pre = delta + delta_bias if delta_bias is not None else delta
     dt = softplus(delta_pre) if delta_softplus else delta_pre
@@ -369,11 +381,17 @@ def selective_scan_backward(d_out, d_last_state, saved: SelectiveScanSaved) -> d
         d_last_state = np.ascontiguousarray(d_last_state, dtype=u.dtype)
     if saved.engine == "numba":    # the fused kernel's backward: all three parts in one
         g = mod.fused_backward(d_out, d_last_state, saved.core)
-        return {"u": g["u"], "delta": g["delta"], "A": g["A"],
-                "B": g["B4"].reshape(f["B_shape"]), "C": g["C4"].reshape(f["C_shape"]),
-                "D": g["D"] if D is not None else None, "z": g["z"],
-                "delta_bias": g["delta_bias"] if f["has_bias"] else None,
-                "initial_state": g["h0"]}
+        return _gradients(f, g, g["u"], g["delta"], g["D"] if D is not None else None, g["z"],
+                          g["delta_bias"] if f["has_bias"] else None)
+    if saved.engine == "logdepth":  # the fused kernel's prologue/epilogue backward passes
+        from ..scan import numba_seq as fast
+        dy, dz = fast.epilogue_backward(d_out, y_core, D, u, z)
+        g = mod.scan_core_backward(dy, d_last_state, saved.core)
+        ddelta = fast.prologue_backward(g["dt"], g["dtB"], saved.delta, saved.delta_bias,
+                                        f["delta_softplus"], f["delta_clip"], f["delta_b_mean"])
+        return _gradients(f, g, g["u"] + dy * D if D is not None else g["u"], ddelta,
+                          np.sum(dy * u, axis=(0, 1)) if D is not None else None, dz,
+                          ddelta.sum(axis=(0, 1)) if f["has_bias"] else None)
     # --- epilogue backward ---------------------------------------------------
     if z is not None:
         y = y_core + D * u if D is not None else y_core
@@ -397,6 +415,11 @@ def selective_scan_backward(d_out, d_last_state, saved: SelectiveScanSaved) -> d
         ddt = ddt * ((dt_unclipped >= lo) & (dt_unclipped <= hi))
     ddelta = ddt * _sigmoid(saved.delta_pre) if f["delta_softplus"] else ddt
     ddelta_bias = ddelta.sum(axis=(0, 1)) if f["has_bias"] else None
+    return _gradients(f, g, du, ddelta, dD, dz, ddelta_bias)
+
+
+def _gradients(f, g, du, ddelta, dD, dz, ddelta_bias) -> dict:
+    """The backward's result: the 9 gradients, ``B``/``C`` in their arguments' shapes."""
     return {
         "u": du,
         "delta": ddelta,
