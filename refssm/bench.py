@@ -249,9 +249,9 @@ def bench_models(archs=None, engines=("numpy", "numba"), seq_len=60, embed_dim=2
 
     Each architecture runs at ``recommended_defaults()`` (dropout off: inference)
     with its default preset. ``step_per_frame`` is the median over ``repeats``
-    runs of ``seq_len`` consecutive steps, divided by ``seq_len``; steps run
-    through the NumPy code path whatever the engine (a frame is one state
-    update), so it is reported once, on the "numpy" row.
+    runs of ``seq_len`` consecutive steps, divided by ``seq_len``: the NumPy
+    ``step`` on the "numpy" row; on the "numba" row the architecture's
+    compiled stepper where it has one (Mamba's ``make_stepper``), else none.
     """
     from .verify.models import available_archs
 
@@ -274,11 +274,17 @@ def bench_models(archs=None, engines=("numpy", "numba"), seq_len=60, embed_dim=2
                     continue
                 raise
             t_step = None
-            if engine == "numpy" and getattr(c, "scan_mode", "causal") == "causal":
+            step_fn = None
+            if getattr(c, "scan_mode", "causal") == "causal":
+                if engine == "numpy":
+                    step_fn = lambda cache, f: mod.step(params, cache, f, c)  # noqa: E731
+                elif engine == "numba" and hasattr(mod, "make_stepper"):
+                    step_fn = mod.make_stepper(params, c).step
+            if step_fn is not None:
                 def run_steps():
                     cache = mod.init_cache(c, 1)
                     for t in range(seq_len):
-                        _, cache = mod.step(params, cache, x[:, t], c)
+                        _, cache = step_fn(cache, x[:, t])
                 t_step = _median_time(run_steps, repeats) / seq_len
             results.append(ModelBenchResult(arch, preset, engine, t_fwd, t_step))
     return results

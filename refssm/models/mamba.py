@@ -741,6 +741,10 @@ class MambaModel:
     def step(self, cache: "MambaCache", frame):
         return step(self.params, cache, frame, self.config)
 
+    def stepper(self, dtype=np.float64):
+        """:func:`make_stepper`: the compiled step, with a snapshot of the parameters."""
+        return make_stepper(self.params, self.config, dtype=dtype)
+
     def param_count(self) -> int:
         """The exact formula :func:`param_count` for this config."""
         return param_count(self.config)
@@ -1171,6 +1175,28 @@ def step(params: dict, cache: MambaCache, frame, config=None):
     if c.final_norm:
         x = _norm_forward(params["final_norm"], x, c)
     return x, MambaCache(new_h, new_conv)
+
+
+def make_stepper(params: dict, config=None, *, dtype=np.float64, **opts):
+    """The Numba step engine: :func:`step`, compiled, on a validated snapshot of ``params``.
+
+    ``stepper = make_stepper(params, config)``, then ``y, cache =
+    stepper.step(cache, frame)`` exactly as :func:`step` (the caches are
+    interchangeable). Equal to :func:`step` to round-off (<= 1e-12 normwise);
+    several times faster, since the parameters are validated once and a frame
+    is one compiled call. See :mod:`refssm.models.mamba_stepper`.
+
+    Examples
+    --------
+    >>> c = MambaConfig(embed_dim=3, hidden_size=8, state_size=2)
+    >>> params = random_params(c, seed=0)
+    >>> y, cache = make_stepper(params, c).step(init_cache(c, 1), np.ones((1, 3)))
+    >>> y.shape
+    (1, 8)
+    """
+    from .mamba_stepper import make_stepper as _make_stepper
+
+    return _make_stepper(params, config, dtype=dtype, **opts)
 
 
 # ---------------------------------------------------------------------------
