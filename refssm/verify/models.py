@@ -493,7 +493,7 @@ def _check_engines(arch, mod, preset, c, rng):
     x = rng.standard_normal((2, SEQ_LEN, c.embed_dim))
     ref = mod.forward(params, x, c, return_sequence=True, engine="numpy").output
     figs = []
-    for engine in ("numba", "logdepth"):
+    for engine in ("numba", "logdepth", "fft"):
         try:
             out = mod.forward(params, x, c, return_sequence=True, engine=engine).output
         except ValueError as exc:   # an architecture may not offer every engine
@@ -546,7 +546,7 @@ def _check_backward(arch, mod, preset, c, rng):
     figs = [_fig(arch, preset, "model backward vs finite differences", worst,
                  BUDGETS["grad_fd"], f"<W, output>; one unit direction in x, one over all "
                  f"parameters; relative; seq_len {SEQ_LEN}")]
-    for engine in ("numba", "logdepth"):
+    for engine in ("numba", "logdepth", "fft"):
         try:
             _, s_e = mod.forward_with_saved(params, x, c, return_sequence=True, engine=engine)
         except ValueError as exc:   # an architecture may not offer every engine
