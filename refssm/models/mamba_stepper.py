@@ -43,9 +43,17 @@ import numpy as np
 from numba import njit
 
 from .._validate import as_float_array
-from ..scan._fastexp import _fsigmoid_scalar, _fsoftplus_scalar
+from ..scan import numba_seq as _ns
+from ..scan._fastexp import _fsigmoid_scalar, _fsoftplus_scalar, check_fingerprint, deps_fingerprint
 from ..scan.numba_seq import _forward_step
 from ._common import check_params
+
+#: Fingerprint of the code from other files inlined into the cached kernel below
+#: (``fexp``/softplus/sigmoid and the fused scan's vector step): Numba keys the
+#: cache on this file only, so a change there must come with a change here.
+_DEPS_FINGERPRINT = "b0f155d5477def4b57d15e9b0483d6bd19003ba0a20b573eda2aced373c60f4d"
+check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint(
+    _ns._forward_step_body, _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args))
 
 __all__ = ["MambaStepper", "make_stepper"]
 

@@ -93,7 +93,7 @@ from numba.extending import intrinsic, overload
 
 __all__ = ["fexp", "fexp64", "fexp32", "fexp_array", "build_fexp", "build_flog1p",
            "build_softplus", "build_sigmoid", "fsoftplus_array", "fsigmoid_array",
-           "flog1p_array", "ir_fingerprint"]
+           "flog1p_array", "ir_fingerprint", "deps_fingerprint", "check_fingerprint"]
 
 # ---------------------------------------------------------------- float64 constants
 _INV_LN2_64 = 1.4426950408889634            # 1/ln2
@@ -285,6 +285,30 @@ def ir_fingerprint() -> str:
                        _INV_LN2_32, _SHIFT_32, _MLN2_HI_32, _MLN2_LO_32, _LO_32, _HI_32,
                        _Q32_0, _Q32_1, _Q32_2, _Q32_3, _Q32_4, _L64, _L32]))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def deps_fingerprint(*funcs) -> str:
+    """:func:`ir_fingerprint` combined with the source of ``funcs`` (SHA-256, hex).
+
+    For a module whose cached (``cache=True``) kernels inline code defined in
+    other files: Numba keys a cache on the caller's file only, so such a
+    module records this value and refuses to import when it changes (see the
+    caching caveat above).
+    """
+    import hashlib
+    import inspect
+
+    parts = [ir_fingerprint()] + [inspect.getsource(f) for f in funcs]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def check_fingerprint(module: str, recorded: str, actual: str):
+    """Refuse to import ``module`` whose cached kernels were built from other code."""
+    if recorded != actual:  # pragma: no cover - a developer's reminder
+        raise ImportError(
+            f"code inlined into the cached Numba kernels of {module} changed (fingerprint "
+            f"{actual!r}): set the recorded fingerprint in {module} to it, so that Numba "
+            f"recompiles them instead of loading stale machine code from its cache")
 
 
 @intrinsic

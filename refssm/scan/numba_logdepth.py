@@ -88,7 +88,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._fastexp import fexp
+from ._fastexp import check_fingerprint, deps_fingerprint, fexp
+
+#: :func:`refssm.scan._fastexp.deps_fingerprint` of the ``fexp`` inlined into the cached
+#: kernels below (Numba keys their cache on this file only; see ``_fastexp``'s caveat).
+_DEPS_FINGERPRINT = "c4b770ad7e8011e458811dfc27973d11a10f0202700e5e5e683b2040136ab293"
+check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint())
 
 __all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "linear_scan",
            "padded_length"]

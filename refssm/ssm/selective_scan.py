@@ -38,6 +38,17 @@ Every engine has ``*_forward`` returning the output and what it saves, and a
 :func:`selective_scan_backward` wrap them with the prologue/epilogue written
 here in NumPy (the numpy and logdepth engines) or fused (numba).
 
+Saved values are references to the inputs (``u``, ``z``, ``D``; for the numba
+and logdepth engines also ``delta`` and ``delta_bias``, from which they
+recompute ``dt``): do not modify them in place between forward and backward.
+
+The clip's kinks: at ``dt`` exactly on a bound the derivative is taken from
+inside (``[lo, hi]`` inclusive), in every engine. The numba and logdepth
+engines compute softplus within 3 ulp of NumPy's, so a step whose softplus
+lands within those few ulp of a bound can fall on the other side of the kink
+there, and its ``d delta`` is then 0 in one engine and not in the other. The
+engines agree to 1e-12 away from the kinks (the hypothesis-tested grid).
+
 dtype: the computation runs in float32 if every real input is float32, else
 in float64 (the oracle). The float32 error against float64 is measured in
 ``tests/test_selective_scan.py::test_float32_error_is_documented``:
