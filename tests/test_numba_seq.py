@@ -389,3 +389,17 @@ def test_float32_error_against_float64():
     assert err_y <= F32_BUDGET_Y and err_h <= F32_BUDGET_Y
     assert all(g32[k].dtype == np.float32 for k in CORE_KEYS)
     assert max(errs.values()) <= F32_BUDGET_GRAD, errs
+
+
+def test_stale_cache_guards():
+    """Modules whose cached kernels inline code from other files record its fingerprint."""
+    from refssm.models import mamba_stepper
+    from refssm.scan import _fastexp, numba_logdepth
+
+    assert numba_logdepth._DEPS_FINGERPRINT == _fastexp.deps_fingerprint()
+    assert mamba_stepper._DEPS_FINGERPRINT == _fastexp.deps_fingerprint(
+        numba_seq._forward_step_body, numba_seq._vector_loop_codegen,
+        numba_seq._loop_intrinsic, numba_seq._check_loop_args)
+    assert numba_seq._FEXP_FINGERPRINT == _fastexp.ir_fingerprint()
+    with pytest.raises(ImportError, match="set the recorded fingerprint"):
+        _fastexp.check_fingerprint("m", "old", "new")
