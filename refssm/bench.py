@@ -146,7 +146,9 @@ def bench_scan(workloads=("W1", "W2", "W3", "W4"), dtypes=("float64", "float32")
     dtypes : sequence of str
     engines : sequence of str
     repeats : int
-        Timed runs per figure (median reported), after one warm-up.
+        Timed runs per figure (median reported), after one warm-up. Within each
+        repeat the engines run in turn (interleaved), so the ratios compare
+        runs made under the same machine conditions.
     with_torch : bool
         Also time a torch transcription when torch is importable.
     torch_backward_max : int
@@ -163,22 +165,35 @@ def bench_scan(workloads=("W1", "W2", "W3", "W4"), dtypes=("float64", "float32")
             inputs = make_inputs(batch, channels, seq_len, state, np.dtype(dtype))
             in_bytes = sum(v.nbytes for v in inputs.values() if isinstance(v, np.ndarray))
             d_out = np.ones_like(inputs["u"])
-            for engine in engines:
-                if progress:
-                    print(f"  {wl} {dtype} {engine} ...", file=progress, flush=True)
+            if progress:
+                print(f"  {wl} {dtype} {', '.join(engines)} (interleaved) ...", file=progress,
+                      flush=True)
 
-                def fwd(engine=engine):
-                    return selective_scan_forward(**inputs, engine=engine)
+            def fwd(engine):
+                return selective_scan_forward(**inputs, engine=engine)
 
-                def fwd_bwd(engine=engine):
-                    _, _, saved = selective_scan_forward(**inputs, engine=engine)
-                    return selective_scan_backward(d_out, None, saved)
+            def fwd_bwd(engine):
+                _, _, saved = selective_scan_forward(**inputs, engine=engine)
+                return selective_scan_backward(d_out, None, saved)
 
-                r_fwd = _median_time(fwd, repeats)
-                r_fb = _median_time(fwd_bwd, repeats)
-                peak = (_peak_extra_bytes(fwd_bwd)
+            # the engines take turns within each repeat, so a slow spell of the machine
+            # hits all of them alike and the ratios stay meaningful
+            times = {(e, f): [] for e in engines for f in ("fwd", "fwd_bwd")}
+            for e in engines:
+                fwd(e)                                                    # warm-up
+                fwd_bwd(e)
+            for _ in range(repeats):
+                for e in engines:
+                    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                        t0 = time.perf_counter()
+                        fn(e)
+                        times[(e, name)].append(time.perf_counter() - t0)
+            for e in engines:
+                peak = (_peak_extra_bytes(lambda: fwd_bwd(e))
                         if os.environ.get("MALLOC_MMAP_THRESHOLD_") else None)
-                results.append(BenchResult(wl, dtype, engine, r_fwd, r_fb, peak, in_bytes))
+                results.append(BenchResult(wl, dtype, e, float(np.median(times[(e, "fwd")])),
+                                           float(np.median(times[(e, "fwd_bwd")])), peak,
+                                           in_bytes))
             if with_torch:
                 fns = _torch_fns(inputs)
                 if fns is not None:
