@@ -4,17 +4,17 @@ Speed is measured here, never asserted in tests. Each entry is the median of
 ``repeats`` timed runs after one warm-up run (which also triggers Numba's JIT
 or loads its cache), with ratios against the NumPy engine of the same run and,
 when torch is installed, against a torch transcription of the official
-``selective_scan_ref`` loop. Peak extra memory is the growth of the process's
-resident set (Linux ``VmHWM`` after resetting it through
-``/proc/self/clear_refs``) during one forward+backward, so it counts Numba's
-allocations as well as NumPy's. That figure is only meaningful with a fixed
-glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_`` set in the environment before
-Python starts; ``refssm bench`` re-executes itself with it): otherwise glibc
-raises its threshold after the first large free and serves later arrays from
-heap memory that is already resident, and the growth reads as 0. Without it
-the column shows "-". The threshold is 4 MiB: arrays from 4 MiB up are
-counted exactly, smaller temporaries not at all; a lower threshold would
-mmap the NumPy engine's per-step temporaries and slow it several-fold.
+``selective_scan_ref`` loop. Timings run with the allocator's defaults, as a
+user's program would. Peak extra memory is the growth of the resident set
+(Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``) during
+one forward+backward, so it counts Numba's allocations as well as NumPy's.
+It is measured in a child process started with a fixed glibc mmap threshold
+(``MALLOC_MMAP_THRESHOLD_`` = 4 MiB): otherwise glibc raises its threshold
+after the first large free and serves later arrays from heap memory that is
+already resident, and the growth reads as 0. (Not in the timed process: on
+this VM every page fault of a fresh mmap costs ~2 us, which slowed the NumPy
+engine and the fused one alike, by up to 2x and 1.5x.) Arrays from 4 MiB up
+are counted exactly, smaller temporaries not at all. Not on Linux: "-".
 """
 from __future__ import annotations
 
@@ -103,6 +103,38 @@ def _peak_extra_bytes(fn):
     return max(0, (peak - before) * 1024)
 
 
+def _peak_extra_bytes_child(size, dtype, engine):
+    """:func:`_peak_extra_bytes` of one forward+backward, in a child process with a fixed
+    mmap threshold (see the module docstring); None where that cannot be measured."""
+    import subprocess
+
+    if not sys.platform.startswith("linux"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4194304")
+    code = "from refssm.bench import _peak_child_main; _peak_child_main()"
+    args = [str(v) for v in size] + [str(dtype), engine]
+    try:
+        out = subprocess.run([sys.executable, "-c", code] + args, env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        return None if out == "None" else int(out)
+    except (subprocess.CalledProcessError, ValueError):
+        return None
+
+
+def _peak_child_main(argv=None):
+    """Child of :func:`_peak_extra_bytes_child`: ``batch channels seq_len state dtype engine``."""
+    batch, channels, seq_len, state, dtype, engine = (argv or sys.argv[1:])[:6]
+    inputs = make_inputs(int(batch), int(channels), int(seq_len), int(state), np.dtype(dtype))
+    d_out = np.ones_like(inputs["u"])
+
+    def fwd_bwd():
+        _, _, saved = selective_scan_forward(**inputs, engine=engine)
+        selective_scan_backward(d_out, None, saved)
+
+    fwd_bwd()                                  # JIT / cache load outside the measurement
+    print(_peak_extra_bytes(fwd_bwd))
+
+
 def _torch_fns(inputs):
     """Forward and forward+backward closures of a torch transcription (or None)."""
     try:
@@ -146,9 +178,10 @@ def bench_scan(workloads=("W1", "W2", "W3", "W4"), dtypes=("float64", "float32")
     dtypes : sequence of str
     engines : sequence of str
     repeats : int
-        Timed runs per figure (median reported), after one warm-up. Within each
-        repeat the engines run in turn (interleaved), so the ratios compare
-        runs made under the same machine conditions.
+        Timed runs per figure (median reported), after one warm-up. Each engine's
+        runs follow one another (its steady state, as in a user's loop; taking
+        turns between engines instead made each run pay for the previous
+        engine's memory churn, on this VM up to 1.6x for the fused engine).
     with_torch : bool
         Also time a torch transcription when torch is importable.
     torch_backward_max : int
@@ -165,35 +198,21 @@ def bench_scan(workloads=("W1", "W2", "W3", "W4"), dtypes=("float64", "float32")
             inputs = make_inputs(batch, channels, seq_len, state, np.dtype(dtype))
             in_bytes = sum(v.nbytes for v in inputs.values() if isinstance(v, np.ndarray))
             d_out = np.ones_like(inputs["u"])
-            if progress:
-                print(f"  {wl} {dtype} {', '.join(engines)} (interleaved) ...", file=progress,
-                      flush=True)
+            for engine in engines:
+                if progress:
+                    print(f"  {wl} {dtype} {engine} ...", file=progress, flush=True)
 
-            def fwd(engine):
-                return selective_scan_forward(**inputs, engine=engine)
+                def fwd(engine=engine):
+                    return selective_scan_forward(**inputs, engine=engine)
 
-            def fwd_bwd(engine):
-                _, _, saved = selective_scan_forward(**inputs, engine=engine)
-                return selective_scan_backward(d_out, None, saved)
+                def fwd_bwd(engine=engine):
+                    _, _, saved = selective_scan_forward(**inputs, engine=engine)
+                    return selective_scan_backward(d_out, None, saved)
 
-            # the engines take turns within each repeat, so a slow spell of the machine
-            # hits all of them alike and the ratios stay meaningful
-            times = {(e, f): [] for e in engines for f in ("fwd", "fwd_bwd")}
-            for e in engines:
-                fwd(e)                                                    # warm-up
-                fwd_bwd(e)
-            for _ in range(repeats):
-                for e in engines:
-                    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                        t0 = time.perf_counter()
-                        fn(e)
-                        times[(e, name)].append(time.perf_counter() - t0)
-            for e in engines:
-                peak = (_peak_extra_bytes(lambda: fwd_bwd(e))
-                        if os.environ.get("MALLOC_MMAP_THRESHOLD_") else None)
-                results.append(BenchResult(wl, dtype, e, float(np.median(times[(e, "fwd")])),
-                                           float(np.median(times[(e, "fwd_bwd")])), peak,
-                                           in_bytes))
+                r_fwd = _median_time(fwd, repeats)
+                r_fb = _median_time(fwd_bwd, repeats)
+                peak = _peak_extra_bytes_child(sizes[wl], dtype, engine)
+                results.append(BenchResult(wl, dtype, engine, r_fwd, r_fb, peak, in_bytes))
             if with_torch:
                 fns = _torch_fns(inputs)
                 if fns is not None:

@@ -35,16 +35,6 @@ def _cmd_verify(args) -> int:
     return 0 if all(f.ok for f in figures) else 1
 
 
-def _reexec_with_fixed_mmap_threshold():
-    """Restart this command with glibc's mmap threshold fixed (see :mod:`refssm.bench`)."""
-    import os
-
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
-        return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4194304")
-    os.execve(sys.executable, [sys.executable, "-m", "refssm.cli"] + sys.argv[1:], env)
-
-
 def _cmd_bench(args) -> int:
     from .bench import (WORKLOADS, bench_models, bench_s5_engines, bench_scan, format_bench,
                         format_model_bench)
@@ -61,8 +51,6 @@ def _cmd_bench(args) -> int:
             print(f"refssm bench: unknown workload {w!r}; expected one of {sorted(WORKLOADS)}",
                   file=sys.stderr)
             return 2
-    if args.reexec:
-        _reexec_with_fixed_mmap_threshold()
     if "scan" in what:
         results = bench_scan(workloads=workloads, dtypes=args.dtypes.split(","),
                              repeats=args.repeats, with_torch=not args.no_torch,
@@ -214,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.reexec = argv is None        # only a real command line may replace the process
     return args.func(args)
 
 
