@@ -24,7 +24,7 @@ from .._validate import as_float_array
 from ..ops.dense import DenseSaved, dense_backward, dense_forward
 
 __all__ = ["glorot_uniform", "torch_uniform", "count_params", "check_params", "tree_shapes",
-           "dense_layer_forward", "dense_layer_backward", "grad_tree"]
+           "dense_layer_forward", "dense_layer_backward", "grad_tree", "output_gradient"]
 
 
 def glorot_uniform(rng: np.random.Generator, shape: tuple) -> np.ndarray:
@@ -270,3 +270,39 @@ def grad_tree(dparams: dict, shapes: Mapping) -> dict:
         raise AssertionError(f"no gradient computed for parameters {missing}")
     return {layer: {name: dparams[layer][name] for name in names}
             for layer, names in shapes.items()}
+
+
+def output_gradient(d_out, saved, saved_type) -> np.ndarray:
+    """The start of every model's ``backward``: ``dLoss/d output`` as ``dx [batch, seq_len, hidden]``.
+
+    Checks that ``saved`` is the ``saved_type`` of ``forward_with_saved`` and
+    that ``d_out`` has the shape of the forward's output (``[batch, hidden]``
+    for the last timestep, ``[batch, seq_len, hidden]`` with
+    ``return_sequence``), finite; returns it in float64 over the whole
+    sequence (zero except at the last timestep for a last-timestep output).
+
+    Examples
+    --------
+    >>> from collections import namedtuple
+    >>> S = namedtuple("S", "config batch seq_len return_sequence")
+    >>> cfg = namedtuple("C", "hidden_size")(2)
+    >>> output_gradient(np.ones((1, 2)), S(cfg, 1, 3, False), S)[0]
+    array([[0., 0.],
+           [0., 0.],
+           [1., 1.]])
+    """
+    if not isinstance(saved, saved_type):
+        raise ValueError(f"saved: expected the {saved_type.__name__} of forward_with_saved, got "
+                         f"{type(saved).__name__}")
+    batch, seq_len, H = saved.batch, saved.seq_len, saved.config.hidden_size
+    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
+    d_out = as_float_array(d_out, "d_out", ndim=len(want))
+    if d_out.shape != want:
+        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
+        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
+                         f"got {d_out.shape}")
+    if saved.return_sequence:
+        return np.array(d_out, dtype=np.float64)
+    dx = np.zeros((batch, seq_len, H))
+    dx[:, -1] = d_out
+    return dx

@@ -95,7 +95,7 @@ from ..ops.pooling import (CausalMeanSaved, causal_mean_backward, causal_mean_fo
                            causal_mean_step)
 from ..ssm.gated_ema import (ENGINES, GatedEMASaved, gated_ema_backward, gated_ema_forward,
                              gated_ema_step)
-from ._common import (_choice, _float, _merge_grads, _positive_int, _rng, check_params,
+from ._common import (output_gradient, _choice, _float, _merge_grads, _positive_int, _rng, check_params,
                       count_params, dense_layer_backward, dense_layer_forward, grad_tree)
 from .mamba import _dense_params
 
@@ -1893,26 +1893,12 @@ def backward(d_out, saved: GatedSSMSaved, *,
     >>> bool(np.allclose(dx, g.x, rtol=0, atol=1e-13))
     True
     """
-    if not isinstance(saved, GatedSSMSaved):
-        raise ValueError(f"saved: expected the GatedSSMSaved of forward_with_saved, got "
-                         f"{type(saved).__name__}")
+    dx = output_gradient(d_out, saved, GatedSSMSaved)  # [batch, L, H]
     c = saved.config
-    batch, seq_len, H = saved.batch, saved.seq_len, c.hidden_size
-    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
-    d_out = as_float_array(d_out, "d_out", ndim=len(want))
-    if d_out.shape != want:
-        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
-        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
-                         f"got {d_out.shape}")
+    batch = saved.batch
     d_ctx, d_conv = _check_d_state(d_state, c, batch)
-    dtype = np.result_type(d_out, np.float64)
+    dtype = dx.dtype
     dparams = {}
-    # --- output: last timestep or the whole sequence -------------------------
-    if saved.return_sequence:
-        dx = np.array(d_out, dtype=dtype)                                 # [batch, L, H]
-    else:
-        dx = np.zeros((batch, seq_len, H), dtype=dtype)
-        dx[:, -1] = d_out
     # --- blocks, last first: x_i = dropout(x_{i-1} + block_i(x_{i-1})) ------
     causal = c.scan_mode == "causal"
     dctx0 = np.zeros((batch, c.num_layers, c.inner_size), dtype=dtype)

@@ -69,7 +69,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import as_float_array
-from ._common import _merge_grads, dense_layer_backward, dense_layer_forward, grad_tree
+from ._common import (_merge_grads, dense_layer_backward, dense_layer_forward, grad_tree,
+                      output_gradient)
 from ..ops.activations import (ActivationSaved, inverse_softplus, silu_backward, silu_forward,
                                softplus_forward)
 from ..ops.conv import (ConvSaved, causal_depthwise_conv1d_backward,
@@ -960,7 +961,7 @@ def mamba_block_forward(params: dict, x: np.ndarray, config, layer_idx: int,
     c = as_config(config)
     b = _block_name(layer_idx)
     E = c.inner_size
-    u = _norm_forward(params[f"{b}_norm"], x, c)                          # [batch, L, H]
+    u = _norm_forward(params[f"{b}_norm"], x, c)      # [batch, L, H]
     xz = _dense(params[f"{b}_in_proj"], u)                                # [batch, L, 2E]
     xs, z = xz[..., :E], xz[..., E:]
     conv = params[f"{b}_conv_dw_conv"]
@@ -1043,7 +1044,7 @@ def forward(params: dict, x, config=None, *, state: Optional[MambaCache] = None,
                              "Generator), got None")
         rng = _rng(seed)
     if "input_projection" in params:
-        x = _dense(params["input_projection"], x)                         # [batch, L, H]
+        x = _dense(params["input_projection"], x)     # [batch, L, H]
     hidden_states = [x]
     new_h = np.empty(state.h.shape, dtype=np.result_type(state.h, x))
     new_conv = np.empty(state.conv.shape, dtype=np.result_type(state.conv, x))
@@ -2026,26 +2027,13 @@ def backward(d_out, saved: MambaSaved, *, d_state: Optional[MambaCache] = None) 
     >>> bool(np.allclose(dx, g.x, rtol=0, atol=1e-13))
     True
     """
-    if not isinstance(saved, MambaSaved):
-        raise ValueError(f"saved: expected the MambaSaved of forward_with_saved, got "
-                         f"{type(saved).__name__}")
+    dx = output_gradient(d_out, saved, MambaSaved)  # [batch, L, H]
     c = saved.config
-    batch, seq_len, H = saved.batch, saved.seq_len, c.hidden_size
-    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
-    d_out = as_float_array(d_out, "d_out", ndim=len(want))
-    if d_out.shape != want:
-        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
-        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
-                         f"got {d_out.shape}")
+    batch = saved.batch
     d_h, d_conv = _check_d_state(d_state, c, batch)
-    dtype = np.result_type(d_out, np.float64)
+    dtype = dx.dtype
     dparams = {}
-    # --- output: last timestep or the whole sequence -------------------------
-    if saved.return_sequence:
-        dx = np.array(d_out, dtype=dtype)                                 # [batch, L, H]
-    else:
-        dx = np.zeros((batch, seq_len, H), dtype=dtype)
-        dx[:, -1] = d_out
+    # --- output ---------------------------------------------------------------
     if saved.final_norm is not None:
         dx, g = norm_backward(dx, saved.final_norm, c, "final_norm")
         _merge_grads(dparams, g)

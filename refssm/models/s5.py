@@ -88,7 +88,7 @@ from ..ops.norms import LayerNormSaved, layer_norm_backward, layer_norm_forward
 from ..ssm import s5 as core
 from ..ssm.selective_scan import (SelectiveScanSaved, selective_scan_backward,
                                   selective_scan_forward)
-from ._common import (_bool, _choice, _merge_grads, _positive_int, _rng, check_params,
+from ._common import (output_gradient, _bool, _choice, _merge_grads, _positive_int, _rng, check_params,
                       count_params, dense_layer_backward, dense_layer_forward, glorot_uniform,
                       grad_tree)
 
@@ -1973,25 +1973,12 @@ def backward(d_out, saved: S5ModelSaved, *, d_state: Optional[S5Cache] = None) -
     >>> gb.state.h.shape, gb.state.h.dtype
     ((1, 2, 2), dtype('complex128'))
     """
-    if not isinstance(saved, S5ModelSaved):
-        raise ValueError(f"saved: expected the S5ModelSaved of forward_with_saved, got "
-                         f"{type(saved).__name__}")
+    dx = output_gradient(d_out, saved, S5ModelSaved)  # [batch, L, H]
     c = saved.config
-    batch, seq_len, H = saved.batch, saved.seq_len, c.hidden_size
-    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
-    d_out = as_float_array(d_out, "d_out", ndim=len(want))
-    if d_out.shape != want:
-        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
-        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
-                         f"got {d_out.shape}")
+    batch = saved.batch
     d_h = _check_d_state(d_state, c, batch)
     dparams = {}
-    # --- output: last timestep or the whole sequence -------------------------
-    if saved.return_sequence:
-        dx = np.array(d_out, dtype=np.float64)                            # [batch, L, H]
-    else:
-        dx = np.zeros((batch, seq_len, H))
-        dx[:, -1] = d_out
+    # --- output ---------------------------------------------------------------
     dx, g = norm_backward(dx, saved.final_norm, "final_norm")
     _merge_grads(dparams, g)
     # --- blocks, last first: x_i = block_i(x_{i-1}) (residuals inside) -------

@@ -98,7 +98,7 @@ from ..ops.norms import LayerNormSaved, layer_norm_backward, layer_norm_forward
 from ..ssm.gated_ema import bc_gate, selection_gate
 from ..ssm.selective_scan import (ENGINES, SelectiveScanSaved, selective_scan_backward,
                                   selective_scan_forward)
-from ._common import (_bool, _choice, _float, _merge_grads, _positive_int, _rng, check_params,
+from ._common import (output_gradient, _bool, _choice, _float, _merge_grads, _positive_int, _rng, check_params,
                       count_params, dense_layer_backward, dense_layer_forward, glorot_uniform,
                       grad_tree, torch_uniform)
 from .mamba import _dense_params
@@ -2357,27 +2357,14 @@ def backward(d_out, saved: SSTransformerSaved, *,
     >>> bool(np.allclose(dx, g.x, rtol=0, atol=1e-13))
     True
     """
-    if not isinstance(saved, SSTransformerSaved):
-        raise ValueError(f"saved: expected the SSTransformerSaved of forward_with_saved, got "
-                         f"{type(saved).__name__}")
+    dx = output_gradient(d_out, saved, SSTransformerSaved)  # [batch, L, H]
     c = saved.config
-    batch, seq_len, H, T = saved.batch, saved.seq_len, c.hidden_size, saved.past_len
-    want = (batch, seq_len, H) if saved.return_sequence else (batch, H)
-    d_out = as_float_array(d_out, "d_out", ndim=len(want))
-    if d_out.shape != want:
-        axes = "[batch, seq_len, hidden]" if saved.return_sequence else "[batch, hidden]"
-        raise ValueError(f"d_out: expected shape {want} (as the forward's output, {axes}), "
-                         f"got {d_out.shape}")
+    batch, T = saved.batch, saved.past_len
     d_ssm, d_conv, d_k, d_v = _check_d_state(d_state, saved)
-    dtype = np.result_type(d_out, np.float64)
+    dtype = dx.dtype
     layer = lambda d, i: None if d is None else d[:, i - 1]               # noqa: E731
     dparams = {}
-    # --- output: last timestep or the whole sequence, then the final norm -----
-    if saved.return_sequence:
-        dx = np.array(d_out, dtype=dtype)                                 # [batch, L, H]
-    else:
-        dx = np.zeros((batch, seq_len, H), dtype=dtype)
-        dx[:, -1] = d_out
+    # --- output: the final norm ------------------------------------------------
     dx, g = norm_backward(dx, saved.final_norm, "final_norm")
     _merge_grads(dparams, g)
     # --- blocks, last first: x_i = dropout(block_i(x_{i-1})) ------------------
