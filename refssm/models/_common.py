@@ -24,7 +24,8 @@ from .._validate import as_float_array
 from ..ops.dense import DenseSaved, dense_backward, dense_forward
 
 __all__ = ["glorot_uniform", "torch_uniform", "count_params", "check_params", "tree_shapes",
-           "dense_layer_forward", "dense_layer_backward", "grad_tree", "output_gradient"]
+           "dense_layer_forward", "dense_layer_backward", "grad_tree", "output_gradient",
+           "state_gradients"]
 
 
 def glorot_uniform(rng: np.random.Generator, shape: tuple) -> np.ndarray:
@@ -306,3 +307,45 @@ def output_gradient(d_out, saved, saved_type) -> np.ndarray:
     dx = np.zeros((batch, seq_len, H))
     dx[:, -1] = d_out
     return dx
+
+
+def state_gradients(d_state, cache: str, fields, *, allow_complex: bool = False) -> tuple:
+    """Check ``d_state``, the gradients of a model's returned cache, field by field.
+
+    Parameters
+    ----------
+    d_state : tuple or None
+        The cache-shaped tuple of gradients; any field may be None (zero).
+    cache : str
+        How to name the expected tuple, e.g. ``"a MambaCache (h, conv)"``.
+    fields : sequence of (name, shape, axes)
+        Per field its name, expected shape and axes (for the message).
+    allow_complex : bool
+        Accept complex gradients (S5's complex state).
+
+    Returns
+    -------
+    tuple
+        One array or None per field (all None when ``d_state`` is None).
+
+    Examples
+    --------
+    >>> state_gradients((np.ones((2, 3)), None), "a C (h, conv)",
+    ...                 [("h", (2, 3), "[b, n]"), ("conv", (2, 1), "[b, k]")])[1] is None
+    True
+    """
+    if d_state is None:
+        return (None,) * len(fields)
+    if not (isinstance(d_state, tuple) and len(d_state) == len(fields)):
+        raise ValueError(f"d_state: expected {cache} of gradients (any may be None), got "
+                         f"{type(d_state).__name__}")
+    out = []
+    for value, (name, want, axes) in zip(d_state, fields):
+        if value is not None:
+            value = as_float_array(value, f"d_state.{name}", ndim=len(want),
+                                   allow_complex=allow_complex)
+            if value.shape != want:
+                raise ValueError(f"d_state.{name}: expected shape {want} {axes} (as the returned "
+                                 f"state), got {value.shape}")
+        out.append(value)
+    return tuple(out)

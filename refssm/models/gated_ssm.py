@@ -95,8 +95,9 @@ from ..ops.pooling import (CausalMeanSaved, causal_mean_backward, causal_mean_fo
                            causal_mean_step)
 from ..ssm.gated_ema import (ENGINES, GatedEMASaved, gated_ema_backward, gated_ema_forward,
                              gated_ema_step)
-from ._common import (output_gradient, _choice, _float, _merge_grads, _positive_int, _rng, check_params,
-                      count_params, dense_layer_backward, dense_layer_forward, grad_tree)
+from ._common import (_choice, _float, _merge_grads, _positive_int, _rng, check_params,
+                      count_params, dense_layer_backward, dense_layer_forward, grad_tree,
+                      output_gradient, state_gradients)
 from .mamba import _dense_params
 
 __all__ = [
@@ -1814,26 +1815,13 @@ def forward_with_saved(params: dict, x, config=None, *, state: Optional[GatedSSM
 
 def _check_d_state(d_state, c: GatedSSMConfig, batch: int):
     """``d_state`` as ``(context or None, conv or None)`` with the cache's shapes."""
-    if d_state is None:
-        return None, None
-    if c.scan_mode == "legacy":
+    if d_state is not None and c.scan_mode == "legacy":
         raise ValueError("d_state: GatedSSM scan_mode 'legacy' returns no state (its weights are "
                          "normalised over the whole sequence), expected None")
-    if not (isinstance(d_state, tuple) and len(d_state) == 2):
-        raise ValueError(f"d_state: expected a GatedSSMCache (context, conv) of gradients "
-                         f"(either may be None), got {type(d_state).__name__}")
-    out = []
-    for name, value, want, axes in (
-            ("context", d_state[0], (batch, c.num_layers, c.inner_size),
-             "[batch, num_layers, inner]"),
-            ("conv", d_state[1], (batch, c.num_layers, c.conv_size - 1, c.inner_size),
-             "[batch, num_layers, conv_size-1, inner]")):
-        if value is not None:
-            value = as_float_array(value, f"d_state.{name}", ndim=len(want))
-            if value.shape != want:
-                raise ValueError(f"d_state.{name}: expected shape {want} {axes}, got {value.shape}")
-        out.append(value)
-    return tuple(out)
+    return state_gradients(d_state, "a GatedSSMCache (context, conv)", (
+        ("context", (batch, c.num_layers, c.inner_size), "[batch, num_layers, inner]"),
+        ("conv", (batch, c.num_layers, c.conv_size - 1, c.inner_size),
+         "[batch, num_layers, conv_size-1, inner]")))
 
 
 def backward(d_out, saved: GatedSSMSaved, *,

@@ -70,7 +70,7 @@ import numpy as np
 
 from .._validate import as_float_array
 from ._common import (_merge_grads, dense_layer_backward, dense_layer_forward, grad_tree,
-                      output_gradient)
+                      output_gradient, state_gradients)
 from ..ops.activations import (ActivationSaved, inverse_softplus, silu_backward, silu_forward,
                                softplus_forward)
 from ..ops.conv import (ConvSaved, causal_depthwise_conv1d_backward,
@@ -1954,23 +1954,10 @@ def forward_with_saved(params: dict, x, config=None, *, state: Optional[MambaCac
 
 def _check_d_state(d_state, c: MambaConfig, batch: int):
     """``d_state`` as ``(h or None, conv or None)`` with the cache's shapes."""
-    if d_state is None:
-        return None, None
-    if not (isinstance(d_state, tuple) and len(d_state) == 2):
-        raise ValueError(f"d_state: expected a MambaCache (h, conv) of gradients (either may be "
-                         f"None), got {type(d_state).__name__}")
-    out = []
-    for name, value, want, axes in (
-            ("h", d_state[0], (batch, c.num_layers, c.inner_size, c.state_size),
-             "[batch, num_layers, inner, state]"),
-            ("conv", d_state[1], (batch, c.num_layers, c.conv_size - 1, c.inner_size),
-             "[batch, num_layers, conv_size-1, inner]")):
-        if value is not None:
-            value = as_float_array(value, f"d_state.{name}", ndim=4)
-            if value.shape != want:
-                raise ValueError(f"d_state.{name}: expected shape {want} {axes}, got {value.shape}")
-        out.append(value)
-    return tuple(out)
+    return state_gradients(d_state, "a MambaCache (h, conv)", (
+        ("h", (batch, c.num_layers, c.inner_size, c.state_size), "[batch, num_layers, inner, state]"),
+        ("conv", (batch, c.num_layers, c.conv_size - 1, c.inner_size),
+         "[batch, num_layers, conv_size-1, inner]")))
 
 
 def backward(d_out, saved: MambaSaved, *, d_state: Optional[MambaCache] = None) -> MambaGrads:

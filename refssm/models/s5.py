@@ -88,9 +88,9 @@ from ..ops.norms import LayerNormSaved, layer_norm_backward, layer_norm_forward
 from ..ssm import s5 as core
 from ..ssm.selective_scan import (SelectiveScanSaved, selective_scan_backward,
                                   selective_scan_forward)
-from ._common import (output_gradient, _bool, _choice, _merge_grads, _positive_int, _rng, check_params,
+from ._common import (_bool, _choice, _merge_grads, _positive_int, _rng, check_params,
                       count_params, dense_layer_backward, dense_layer_forward, glorot_uniform,
-                      grad_tree)
+                      grad_tree, output_gradient, state_gradients)
 
 __all__ = [
     "S5Config", "PRESETS", "FLAGS", "S5Cache", "S5Output", "S5Model",
@@ -1891,23 +1891,13 @@ def forward_with_saved(params: dict, x, config=None, *, state: Optional[S5Cache]
 
 def _check_d_state(d_state, c: S5Config, batch: int):
     """``d_state`` as the ``h`` gradient (or None), with the cache's shape."""
-    if d_state is None:
-        return None
-    if c.bidirectional:
+    if d_state is not None and c.bidirectional:
         raise ValueError("d_state: a bidirectional S5 returns no state, so there is no "
                          "gradient of it to take; expected d_state=None")
-    if not (isinstance(d_state, tuple) and len(d_state) == 1):
-        raise ValueError(f"d_state: expected an S5Cache (h,) of gradients (h may be None), got "
-                         f"{type(d_state).__name__}")
-    h = d_state[0]
-    if h is None:
-        return None
-    h = as_float_array(h, "d_state.h", allow_complex=(c.ssm == "s5"))
-    want = _state_shape(c, batch)
-    if h.shape != want:
-        layout = ("[batch, num_layers, Ps] (complex: dL/dRe + i dL/dIm)" if c.ssm == "s5"
-                  else "[batch, num_layers, hidden, state]")
-        raise ValueError(f"d_state.h: expected shape {want} {layout}, got {h.shape}")
+    layout = ("[batch, num_layers, Ps] (complex: dL/dRe + i dL/dIm)" if c.ssm == "s5"
+              else "[batch, num_layers, hidden, state]")
+    (h,) = state_gradients(d_state, "an S5Cache (h,)", (("h", _state_shape(c, batch), layout),),
+                           allow_complex=(c.ssm == "s5"))
     return h
 
 

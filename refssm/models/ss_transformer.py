@@ -98,9 +98,9 @@ from ..ops.norms import LayerNormSaved, layer_norm_backward, layer_norm_forward
 from ..ssm.gated_ema import bc_gate, selection_gate
 from ..ssm.selective_scan import (ENGINES, SelectiveScanSaved, selective_scan_backward,
                                   selective_scan_forward)
-from ._common import (output_gradient, _bool, _choice, _float, _merge_grads, _positive_int, _rng, check_params,
+from ._common import (_bool, _choice, _float, _merge_grads, _positive_int, _rng, check_params,
                       count_params, dense_layer_backward, dense_layer_forward, glorot_uniform,
-                      grad_tree, torch_uniform)
+                      grad_tree, output_gradient, state_gradients, torch_uniform)
 from .mamba import _dense_params
 
 __all__ = [
@@ -2272,29 +2272,16 @@ def forward_with_saved(params: dict, x, config=None, *,
 
 def _check_d_state(d_state, saved: SSTransformerSaved):
     """``d_state`` as ``(ssm, conv, k, v)``, each None or of the returned state's shape."""
-    if d_state is None:
-        return None, None, None, None
-    if not (isinstance(d_state, tuple) and len(d_state) == 4):
-        raise ValueError(f"d_state: expected a SSTransformerCache (ssm, conv, k, v) of gradients "
-                         f"(any may be None), got {type(d_state).__name__}")
     c, batch = saved.config, saved.batch
     ssm_shape = _ssm_state_shape(c, batch)
     kv = (batch, c.num_layers, c.num_heads, saved.past_len + saved.seq_len, c.head_dim)
-    wants = (("ssm", ssm_shape, "[batch, num_layers, inner, N]" if len(ssm_shape) == 4
-              else "[batch, num_layers, inner]"),
-             ("conv", (batch, c.num_layers, c.conv_size - 1, c.inner_size),
-              "[batch, num_layers, conv_size-1, inner]"),
-             ("k", kv, "[batch, num_layers, num_heads, T + seq_len, head_dim]"),
-             ("v", kv, "[batch, num_layers, num_heads, T + seq_len, head_dim]"))
-    out = []
-    for value, (name, want, axes) in zip(d_state, wants):
-        if value is not None:
-            value = as_float_array(value, f"d_state.{name}", ndim=len(want))
-            if value.shape != want:
-                raise ValueError(f"d_state.{name}: expected shape {want} {axes} (as the returned "
-                                 f"state), got {value.shape}")
-        out.append(value)
-    return tuple(out)
+    return state_gradients(d_state, "a SSTransformerCache (ssm, conv, k, v)", (
+        ("ssm", ssm_shape, "[batch, num_layers, inner, N]" if len(ssm_shape) == 4
+         else "[batch, num_layers, inner]"),
+        ("conv", (batch, c.num_layers, c.conv_size - 1, c.inner_size),
+         "[batch, num_layers, conv_size-1, inner]"),
+        ("k", kv, "[batch, num_layers, num_heads, T + seq_len, head_dim]"),
+        ("v", kv, "[batch, num_layers, num_heads, T + seq_len, head_dim]")))
 
 
 def backward(d_out, saved: SSTransformerSaved, *,
