@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._text import text_table
+from ..verify.metrics import reference_scale
 
 __all__ = ["FORMAT_VERSION", "FixtureError", "Fixture", "write_fixture", "read_fixture",
            "compare_tensors", "CompareRow", "format_compare", "tensor_role", "check_callable"]
@@ -234,11 +235,9 @@ def compare_tensors(fixture: Fixture, candidate: dict, *, roles=("output", "step
     -------
     list of CompareRow
         ``rel`` is the normwise relative error ``max|a - b| / max|b|``; for a
-        tensor whose reference is (structurally) zero, ``max|b|`` below
-        ``1e-8`` of the largest of its role (e.g. SSTransformer's
-        ``attn_k.bias`` gradient without a carried cache: softmax ignores a
-        shift common to all keys, so the stored value is round-off), the
-        denominator is that role's largest ``max|b|`` instead.
+        tensor whose reference is a structural zero the denominator is the
+        largest ``max|b|`` of its role instead
+        (:func:`refssm.verify.metrics.reference_scale`).
     """
     rows = []
     role_scale = {}
@@ -261,10 +260,7 @@ def compare_tensors(fixture: Fixture, candidate: dict, *, roles=("output", "step
             continue
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
         max_abs = float(diff.max()) if diff.size else 0.0
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        outer = role_scale.get(tensor_role(name), 0.0)
-        if scale < 1e-8 * outer:                     # a structural zero: the role's scale
-            scale = outer
+        scale = reference_scale(ref, role_scale.get(tensor_role(name), 0.0))
         rel = max_abs / max(scale, np.finfo(np.float64).tiny)
         finite = bool(np.isfinite(got).all())
         rows.append(CompareRow(name, max_abs, rel, tol, finite and rel <= tol,

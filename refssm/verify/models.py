@@ -30,7 +30,7 @@ import numpy as np
 
 from ..models._common import count_params
 from .core import Figure, _fig
-from .metrics import BUDGETS, normwise_error
+from .metrics import BUDGETS, normwise_error, reference_scale
 
 __all__ = ["ARCHS", "available_archs", "model_checks", "explain_original_count",
            "compare_count_terms", "count_differences", "CountTerm", "CountDifference", "KINDS"]
@@ -484,6 +484,18 @@ def _check_step_vs_full(arch, mod, preset, c, rng):
     ]
 
 
+def _other_engines(run):
+    """``(engine, run(engine))`` for each scan engine besides NumPy the architecture offers."""
+    for engine in ("numba", "logdepth", "fft"):
+        try:
+            result = run(engine)
+        except ValueError as exc:   # an architecture may not offer every engine
+            if "engine" in str(exc):
+                continue
+            raise
+        yield engine, result
+
+
 def _check_engines(arch, mod, preset, c, rng):
     import inspect
 
@@ -493,13 +505,9 @@ def _check_engines(arch, mod, preset, c, rng):
     x = rng.standard_normal((2, SEQ_LEN, c.embed_dim))
     ref = mod.forward(params, x, c, return_sequence=True, engine="numpy").output
     figs = []
-    for engine in ("numba", "logdepth", "fft"):
-        try:
-            out = mod.forward(params, x, c, return_sequence=True, engine=engine).output
-        except ValueError as exc:   # an architecture may not offer every engine
-            if "engine" in str(exc):
-                continue
-            raise
+    for engine, res in _other_engines(
+            lambda e: mod.forward(params, x, c, return_sequence=True, engine=e)):
+        out = res.output
         figs.append(_fig(arch, preset, f"model forward: {engine} engine vs numpy",
                          normwise_error(out, ref), BUDGETS["scan"], "whole sequence"))
     return figs
@@ -546,26 +554,14 @@ def _check_backward(arch, mod, preset, c, rng):
     figs = [_fig(arch, preset, "model backward vs finite differences", worst,
                  BUDGETS["grad_fd"], f"<W, output>; one unit direction in x, one over all "
                  f"parameters; relative; seq_len {SEQ_LEN}")]
-    for engine in ("numba", "logdepth", "fft"):
-        try:
-            _, s_e = mod.forward_with_saved(params, x, c, return_sequence=True, engine=engine)
-        except ValueError as exc:   # an architecture may not offer every engine
-            if "engine" in str(exc):
-                continue
-            raise
+    for engine, (_, s_e) in _other_engines(
+            lambda e: mod.forward_with_saved(params, x, c, return_sequence=True, engine=e)):
         g_e = mod.backward(W, s_e)
         pairs = [(g_e.x, g.x)] + [(g_e.params[layer][k], g.params[layer][k])
                                   for layer in params for k in params[layer]]
-        # normwise per array; an array whose true gradient is (structurally) zero, e.g.
-        # SSTransformer's attn_k.bias without a carried cache (softmax ignores a shift
-        # common to all keys), is measured against the tree's largest gradient instead
+        # normwise per array, structural zeros against the tree's largest gradient
         scale = max(float(np.max(np.abs(b))) for _, b in pairs)
-
-        def rel(a, b):
-            ref = float(np.max(np.abs(b)))
-            return float(np.max(np.abs(a - b))) / (ref if ref >= 1e-8 * scale else scale)
-
-        err = max(rel(a, b) for a, b in pairs)
+        err = max(float(np.max(np.abs(a - b))) / reference_scale(b, scale) for a, b in pairs)
         figs.append(_fig(arch, preset, f"model backward: {engine} engine vs numpy", err,
                          BUDGETS["scan"], "dx and every parameter gradient, worst (normwise "
                          "per array; structural zeros against the largest gradient)"))
