@@ -27,6 +27,7 @@ import numpy as np
 
 from ._text import text_table
 from .ssm.selective_scan import ENGINES, selective_scan_backward, selective_scan_forward
+from .verify.peers import torch_selective_scan
 
 __all__ = ["WORKLOADS", "BenchResult", "make_inputs", "bench_scan", "format_bench"]
 
@@ -146,15 +147,9 @@ def _torch_fns(inputs):
 
     def forward(requires_grad=False):
         tt = {k: v.clone().requires_grad_(requires_grad) for k, v in t.items()}
-        dt = torch.nn.functional.softplus(tt["delta"] + tt["delta_bias"])
-        h = torch.zeros(tt["u"].shape[0], tt["u"].shape[2], tt["A"].shape[1], dtype=dtype)
-        ys = []
-        for i in range(tt["u"].shape[1]):
-            h = (torch.exp(dt[:, i, :, None] * tt["A"]) * h
-                 + dt[:, i, :, None] * tt["B"][:, i, None, :] * tt["u"][:, i, :, None])
-            ys.append(torch.einsum("bdn,bn->bd", h, tt["C"][:, i]))
-        y = (torch.stack(ys, 1) + tt["D"] * tt["u"]) * torch.nn.functional.silu(tt["z"])
-        return y
+        h0 = torch.zeros(tt["u"].shape[0], tt["u"].shape[2], tt["A"].shape[1], dtype=dtype)
+        return torch_selective_scan(torch, tt["u"], tt["delta"], tt["A"], tt["B"], tt["C"],
+                                    tt["D"], tt["z"], tt["delta_bias"], h0, True)[0]
 
     def fwd():
         with torch.no_grad():

@@ -254,13 +254,13 @@ def make_stepper(params: dict, config=None, *, dtype=np.float64, **opts) -> Mamb
     if dt not in (np.float64, np.float32):
         raise ValueError(f"dtype: expected float64 or float32, got {dt}")
     params = check_params(params, param_shapes(c))
-    H, E, N, R, K = c.hidden_size, c.inner_size, c.state_size, c.dt_rank_size, c.conv_size
+    H, E, N, R = c.hidden_size, c.inner_size, c.state_size, c.dt_rank_size
     zeros = lambda *s: np.zeros(s, dtype=dt)                       # noqa: E731
 
     def arr(a):
         return np.ascontiguousarray(a, dtype=dt)
 
-    def dense(name, n_in, n_out):
+    def dense(name, n_out):
         p = params[name]
         return arr(p["kernel"]), (arr(p["bias"]) if "bias" in p else zeros(n_out))
 
@@ -268,16 +268,16 @@ def make_stepper(params: dict, config=None, *, dtype=np.float64, **opts) -> Mamb
     for i in range(1, c.num_layers + 1):
         b = _block_name(i)
         norm = params[f"{b}_norm"]
-        in_w, in_b = dense(f"{b}_in_proj", H, 2 * E)
+        in_w, in_b = dense(f"{b}_in_proj", 2 * E)
         conv = params[f"{b}_conv_dw_conv"]
         if c.x_proj == "fused":
-            xp_w, xp_b = dense(f"{b}_ssm_x_proj", E, R + 2 * N)
+            xp_w, xp_b = dense(f"{b}_ssm_x_proj", R + 2 * N)
         else:                                          # Edifice: [dt_rank | bc_proj]
-            w1, b1 = dense(f"{b}_ssm_dt_rank", E, R)
-            w2, b2 = dense(f"{b}_ssm_bc_proj", E, 2 * N)
+            w1, b1 = dense(f"{b}_ssm_dt_rank", R)
+            w2, b2 = dense(f"{b}_ssm_bc_proj", 2 * N)
             xp_w, xp_b = np.concatenate([w1, w2], axis=1), np.concatenate([b1, b2])
-        dt_w, dt_b = dense(f"{b}_ssm_dt_proj", R, E)
-        out_w, out_b = dense(f"{b}_out_proj", E, H)
+        dt_w, dt_b = dense(f"{b}_ssm_dt_proj", E)
+        out_w, out_b = dense(f"{b}_out_proj", H)
         layers.append(dict(
             norm_g=arr(norm["gamma"]), norm_b=arr(norm["beta"]) if "beta" in norm else zeros(H),
             in_w=in_w, in_b=in_b, conv_w=arr(conv["kernel"][:, 0, :]),
@@ -286,7 +286,7 @@ def make_stepper(params: dict, config=None, *, dtype=np.float64, **opts) -> Mamb
             D=arr(params[f"{b}_ssm"]["D"]) if c.d_skip else zeros(E), out_w=out_w, out_b=out_b))
     packed = {k: np.ascontiguousarray(np.stack([ly[k] for ly in layers])) for k in layers[0]}
     if "input_projection" in params:
-        packed["in0_w"], packed["in0_b"] = dense("input_projection", c.embed_dim, H)
+        packed["in0_w"], packed["in0_b"] = dense("input_projection", H)
     else:
         packed["in0_w"], packed["in0_b"] = zeros(1, 1), zeros(1)
     fin = params.get("final_norm")
@@ -296,5 +296,4 @@ def make_stepper(params: dict, config=None, *, dtype=np.float64, **opts) -> Mamb
     packed.update(has_in0="input_projection" in params, layer_norm=c.norm == "layer",
                   eps=dt.type(c.norm_eps), has_final=bool(fin), lo=dt.type(lo), hi=dt.type(hi),
                   b_mean=c.b_bar == "channel_mean", R=R, N=N)
-    del K
     return MambaStepper(c, packed, dt)

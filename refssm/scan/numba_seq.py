@@ -699,7 +699,7 @@ def prologue(delta, delta_bias, delta_softplus, delta_clip, delta_b_mean):
         _step_mean_kernel(delta, bias, fl, dt_mean)
     dt = np.empty_like(delta)
     dtB = np.empty_like(delta) if delta_b_mean else dt
-    _prologue_kernel(delta, bias, fl, dt_mean, dt, dt if not delta_b_mean else dtB)
+    _prologue_kernel(delta, bias, fl, dt_mean, dt, dtB)
     return dt, dtB
 
 
