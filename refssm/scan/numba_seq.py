@@ -78,17 +78,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastexp import _const, build_fexp, build_sigmoid, build_softplus, ir_fingerprint
+from ._fastexp import (_const, build_fexp, build_sigmoid, build_softplus, check_fingerprint,
+                       ir_fingerprint)
 
-#: :func:`refssm.scan._fastexp.ir_fingerprint` of the ``fexp`` compiled into the
-#: cached kernels below. Numba keys its cache on this file's content only, so a
-#: change of ``fexp`` must come with a change here (which makes Numba recompile).
+#: :func:`refssm.scan._fastexp.ir_fingerprint` of the ``fexp`` (and softplus, sigmoid)
+#: compiled into the cached kernels below. Numba keys its cache on this file's content
+#: only, so a change there must come with a change here (which makes Numba recompile).
 _FEXP_FINGERPRINT = "d4861e7a5a7c2a9aa4c15197993078cd4404c17fe938c0cf41dd61b56694b25c"
-if ir_fingerprint() != _FEXP_FINGERPRINT:  # pragma: no cover - a developer's reminder
-    raise ImportError(
-        "refssm.scan._fastexp changed (ir_fingerprint() = "
-        f"{ir_fingerprint()!r}): set _FEXP_FINGERPRINT in refssm/scan/numba_seq.py to it, "
-        "so that Numba recompiles the cached kernels that inline fexp")
+check_fingerprint(__name__, _FEXP_FINGERPRINT, ir_fingerprint())
 
 __all__ = ["NumbaSaved", "fused_forward", "fused_backward", "scan_core_forward",
            "scan_core_backward", "prologue", "prologue_backward", "epilogue",
