@@ -287,9 +287,13 @@ def test_fused_api_does_not_depend_on_thread_count(edifice):
 @pytest.mark.parametrize("opts", [dict(delta_softplus=True),
                                   dict(delta_softplus=True, delta_clip=(0.05, 0.4),
                                        delta_b_mean=True)])
-def test_public_api_numba_engine(bc, opts):
+@pytest.mark.parametrize("channels", [
+    6,      # one block, 10 spare lanes; rows staged one at a time
+    39,     # blocks of 16, 16 and 7; groups of 13 channels span blocks (gathered B/C)
+])
+def test_public_api_numba_engine(bc, opts, channels):
     rng = np.random.default_rng(17)
-    args = make_case(rng, batch=2, seq_len=70, channels=6, state=16, bc=bc, groups=3)
+    args = make_case(rng, batch=2, seq_len=70, channels=channels, state=16, bc=bc, groups=3)
     W = rng.standard_normal(args["u"].shape)
     Wh = rng.standard_normal(args["initial_state"].shape)
     res = {}
@@ -389,6 +393,20 @@ def test_float32_error_against_float64():
     assert err_y <= F32_BUDGET_Y and err_h <= F32_BUDGET_Y
     assert all(g32[k].dtype == np.float32 for k in CORE_KEYS)
     assert max(errs.values()) <= F32_BUDGET_GRAD, errs
+
+
+@pytest.mark.parametrize("channels", [6, 39])
+def test_float32_fused_api_against_float64(channels):
+    """float32 through the fused prologue/epilogue, in partial and full channel blocks."""
+    rng = np.random.default_rng(channels)
+    args = make_case(rng, batch=2, seq_len=70, channels=channels, state=16, bc="grouped",
+                     groups=3)
+    args32 = {k: (None if v is None else v.astype(np.float32)) for k, v in args.items()}
+    out64, h64, _ = selective_scan_forward(**args, delta_softplus=True, engine="numpy")
+    out32, h32, _ = selective_scan_forward(**args32, delta_softplus=True, engine="numba")
+    assert out32.dtype == np.float32
+    assert normwise_error(out32, out64) <= F32_BUDGET_Y
+    assert normwise_error(h32, h64) <= F32_BUDGET_Y
 
 
 def test_stale_cache_guards():

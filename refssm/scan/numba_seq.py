@@ -10,11 +10,9 @@ and function docstrings for the math and the ``[bB, LB, G, N]`` layout of
 
 What differs is *how*:
 
-* **Fused.** One ``prange`` item per batch row and block of up to 16
-  consecutive channels (flattened, so batch 1 still uses every thread). Each
-  channel walks time with its state ``h[N]`` in a small local array;
-  ``A_bar = fexp(dt * A)`` and ``(dtB * u) * B`` are computed on the fly. No
-  array of size ``batch * seq_len * channels * state`` is ever allocated.
+* **Fused.** No array of size ``batch * seq_len * channels * state`` is ever
+  allocated: ``A_bar = fexp(dt * A)`` and ``(dtB * u) * B`` are computed on
+  the fly, step by step, from a state held in a small local array.
 * **Prologue and epilogue fused too** (:func:`fused_forward`, used by
   ``selective_scan_forward(engine="numba")``): ``dt = clip(softplus(delta +
   delta_bias))``, the channel mean for ``dtB`` and ``out = (y + D u) silu(z)``
@@ -28,16 +26,36 @@ What differs is *how*:
   (64) steps: the chunk's ``dt``, ``dtB``, ``u`` (and ``dy``) of the block are
   copied into small local buffers in one burst (software-prefetched one chunk
   ahead), the channels run from there, and the outputs go back the same way.
-* **Vector loops over the state.** Each time step of one channel is one call
-  of an intrinsic that emits the loop over ``n`` as LLVM vector IR
-  (``_forward_step``, ``_recompute_step``, ``_adjoint_step``): blocks of 8
-  (float64) or 16 (float32) lanes, then a scalar tail. LLVM would not
+* **The forward: channels in vector lanes.** One ``prange`` item per batch
+  row and block of :data:`LANES` (16) consecutive channels (flattened, so
+  batch 1 still uses every thread); the block's channels are the lanes of
+  the IR vectors of ``_lane_step``, which runs one time step of the block:
+  all ``N * 16`` values of ``A_bar`` first, as vectors of 512 bytes, then
+  the recurrence one state index at a time. ``fexp`` is ~30 dependent
+  operations; computed one short vector at a time (the per-channel layout
+  below) the core mostly waits on their latency, and the wide vectors give
+  it 4-8 independent chains instead (at W1 the kernel went from ~47 to
+  ~31 ms). Prologue and epilogue stage 4 (float64) or 8 (float32) rows per
+  call for the same reason, and the next chunk is prefetched one row per
+  step. Every lane computes each state element with the same IEEE
+  operations as the per-channel code, so states and checkpoints are the
+  same bits in both layouts; ``y = sum_n C h`` is summed in increasing
+  ``n`` per lane.
+* **The backward: vector loops over the state.** Its ``prange`` items are
+  blocks of up to 16 channels too, but each channel walks time on its own
+  and each time step is one call of an intrinsic that emits the loop over
+  ``n`` as LLVM vector IR (``_recompute_step``, ``_adjoint_step``; also
+  ``_forward_step``, used by :mod:`refssm.models.mamba_stepper`): blocks of
+  8 (float64) or 16 (float32) lanes, then a scalar tail. LLVM would not
   vectorise these loops itself at ``N = 16`` (run-time alias checks push its
   minimum trip count above 16; sums need ``fastmath``). ``A_bar`` is the
   vector form of :func:`refssm.scan._fastexp.fexp` (<= 1 ulp, branch-free,
   the same IR as the scalar form). Sums over ``n`` (``y``; ``d dt``,
   ``d dtB``, ``d u``) have one fixed order (``_vector_loop_codegen``): results
   do not depend on the thread count, ``fastmath`` (never used) or the CPU.
+  (The ``y`` the backward recomputes for the gate's gradient is therefore
+  summed in another order than the forward's ``y``: they may differ in the
+  last bit.)
 * **Checkpointed backward.** The forward stores the state entering every
   chunk. The backward walks each channel's chunks in reverse: it recomputes
   the chunk's ``A_bar`` and states from the checkpoint into local
@@ -526,6 +544,211 @@ _recompute_step = _loop_intrinsic("_recompute_step", 6, 2, _recompute_step_body,
 #: ``dA_c``, ``dB_row``, ``dC_row`` (see ``_adjoint_step_body``).
 _adjoint_step = _loop_intrinsic("_adjoint_step", 10, 3, _adjoint_step_body, 2)
 
+# --------------------------------------------------------------------------
+# the forward in channel lanes: LANES channels side by side in one IR vector
+# --------------------------------------------------------------------------
+# One time step of a block of LANES channels is one call of ``_lane_step``:
+# the ``N * LANES`` values ``A_bar = fexp(dt * A)`` first, computed as IR vectors
+# of 512 bytes (LLVM splits each into 8 (float64) or 4 (float32) machine vectors
+# and interleaves them: the 30 dependent operations of one ``fexp`` would
+# otherwise leave the core waiting on latency), then the recurrence, one state
+# index ``n`` at a time, with every channel of the block in a lane. Each lane
+# computes exactly what the per-channel code computes element by element (the
+# same IEEE operations), so states and checkpoints are bit-identical whichever
+# layout computed them; only ``y = sum_n C h`` is summed in another order
+# (here: ``n = 0, 1, ..., N - 1``, per lane).
+
+#: Channels per block of the forward kernel: the lanes of its IR vectors (2
+#: machine vectors of float64, 1 of float32 with AVX-512).
+LANES = 16
+#: Bytes per IR vector of the forward's ``fexp`` phase and of its staging rows.
+_WIDE_BYTES = 512
+
+
+def _arg_ptr(context, builder, aty, arr, off):
+    """Pointer to element ``off`` of the 1-D array ``arr`` (Numba type ``aty``)."""
+    return builder.gep(context.make_array(aty)(context, builder, arr).data, [off])
+
+
+def _splat(builder, value, width):
+    """A vector of ``width`` copies of the scalar ``value``."""
+    i32 = ir.IntType(32)
+    vty = ir.VectorType(value.type, width)
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, width), [0] * width))
+
+
+def _lane_step_intrinsic(name, gathered):
+    """``f(H, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N)``: one step of LANES channels.
+
+    ``H``, ``AT``, ``aS`` are ``[N, LANES]`` (state, ``A`` transposed, scratch
+    for ``A_bar``) from their offsets; ``dtS``, ``buS``, ``yS`` hold the
+    step's row of LANES values at ``oS``. ``B``/``C`` are the group's row of
+    ``N`` values at ``oB``/``oC`` (one per ``n``, for every lane), or, when
+    ``gathered``, ``[N, LANES]`` rows with each lane's own group::
+
+        aS[n, l] = fexp(dtS[l] * AT[n, l])                    (all n first)
+        H[n, l]  = aS[n, l] * H[n, l] + buS[l] * B[n, l]
+        yS[l]    = sum_n C[n, l] * H[n, l]                     (n = 0, 1, ...)
+    """
+    def typer(typingctx, H, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N):
+        arrays = (H, AT, aS, B, C, dtS, buS, yS)
+        for a in arrays:
+            if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                    and isinstance(a.dtype, types.Float) and a.dtype == H.dtype):
+                raise TypeError(f"{name}: expected 1-D C-contiguous float arrays of one dtype")
+        for o in (oH, oA, oa, oB, oC, oS, N):
+            if not isinstance(o, types.Integer):
+                raise TypeError(f"{name}: offsets and N must be integers")
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            Hv, oH, ATv, oA, aSv, oa, Bv, oB, Cv, oC, dtv, buv, yv, oS, n = (
+                b.sext(a, ir.IntType(64)) if isinstance(a.type, ir.IntType) and a.type.width < 64
+                else a for a in args)
+            ta = sig.args
+            dtype = ta[0].dtype
+            fty = context.get_value_type(dtype)
+            i64 = ir.IntType(64)
+            al = dtype.bitwidth // 8
+            G = _WIDE_BYTES // (LANES * al)                  # rows of A_bar per fexp vector
+            vL = ir.VectorType(fty, LANES)
+            vG = ir.VectorType(fty, G * LANES)
+            c = lambda v: ir.Constant(i64, v)                # noqa: E731
+
+            def vptr(k, arr, off, vty):
+                return b.bitcast(_arg_ptr(context, b, ta[k], arr, off), vty.as_pointer())
+
+            dt = b.load(vptr(10, dtv, oS, vL), align=al)
+            bu = b.load(vptr(11, buv, oS, vL), align=al)
+            dtG = b.shuffle_vector(dt, dt, ir.Constant(ir.VectorType(ir.IntType(32), G * LANES),
+                                                       list(range(LANES)) * G))
+            nG = b.udiv(n, c(G))
+            with cgutils.for_range(b, nG) as loop:             # A_bar, G rows at a time
+                o = b.mul(loop.index, c(G * LANES))
+                x = b.fmul(dtG, b.load(vptr(2, ATv, b.add(oA, o), vG), align=al))
+                b.store(build_fexp(b, x), vptr(4, aSv, b.add(oa, o), vG), align=al)
+            with cgutils.for_range_slice(b, b.mul(nG, c(G)), n, c(1)) as (i, _):
+                o = b.mul(i, c(LANES))
+                x = b.fmul(dt, b.load(vptr(2, ATv, b.add(oA, o), vL), align=al))
+                b.store(build_fexp(b, x), vptr(4, aSv, b.add(oa, o), vL), align=al)
+            acc = cgutils.alloca_once_value(b, _const(vL, -0.0))
+            with cgutils.for_range(b, n) as loop:              # the recurrence, n by n
+                i = loop.index
+                o = b.mul(i, c(LANES))
+                hp = vptr(0, Hv, b.add(oH, o), vL)
+                a = b.load(vptr(4, aSv, b.add(oa, o), vL), align=al)
+                if gathered:
+                    Bn = b.load(vptr(6, Bv, b.add(oB, o), vL), align=al)
+                    Cn = b.load(vptr(8, Cv, b.add(oC, o), vL), align=al)
+                else:
+                    Bn = _splat(b, b.load(_arg_ptr(context, b, ta[6], Bv, b.add(oB, i))), LANES)
+                    Cn = _splat(b, b.load(_arg_ptr(context, b, ta[8], Cv, b.add(oC, i))), LANES)
+                h = b.fadd(b.fmul(a, b.load(hp, align=al)), b.fmul(bu, Bn))
+                b.store(h, hp, align=al)
+                b.store(b.fadd(b.load(acc), b.fmul(Cn, h)), acc)
+            b.store(b.load(acc), vptr(12, yv, oS, vL), align=al)
+            return context.get_dummy_value()
+
+        return types.void(H, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+#: One step of LANES channels of one group of ``B`` and ``C`` (see ``_lane_step_intrinsic``).
+_lane_step = _lane_step_intrinsic("_lane_step", False)
+#: The same with ``B``/``C`` staged per lane (a block spanning several groups).
+_lane_step_gathered = _lane_step_intrinsic("_lane_step_gathered", True)
+
+
+def _rows_intrinsic(name, n_arrays, n_scalars, body, row_scalars=()):
+    """Make an intrinsic applying ``body`` to ``R`` rows of LANES values at once.
+
+    Called as ``f(x0, o0, s0, x1, o1, s1, ..., scalars)``: element ``(r, l)``
+    of operand ``k`` is ``xk[ok + r * sk + l]`` (``xk[ok + r * sk]`` for every
+    lane when ``k`` is in ``row_scalars``), ``r < R``, ``l < LANES``, with
+    ``R * LANES`` values making one IR vector of :data:`_WIDE_BYTES`.
+    ``body(builder, loaded, scalars)`` is that of :func:`_vector_loop_codegen`
+    (no sums); its stores go back to the same elements. The rows of one
+    channel block lie ``channels`` apart in ``[batch, L, channels]`` arrays and
+    one row is a short vector: the softplus or sigmoid of R rows interleaved
+    keeps the core busy where one row at a time would wait on latency.
+    """
+    def typer_impl(typingctx, *args):
+        arrays = list(args[0:3 * n_arrays:3])
+        ints = list(args[1:3 * n_arrays:3]) + list(args[2:3 * n_arrays:3])
+        scalars = list(args[3 * n_arrays:])
+        _check_loop_args(name, arrays, scalars, types.intp)
+        if not all(isinstance(o, types.Integer) for o in ints):
+            raise TypeError(f"{name}: offsets and strides must be integers")
+
+        def codegen(context, builder, sig, ll):
+            b = builder
+            dtype = arrays[0].dtype
+            fty = context.get_value_type(dtype)
+            al = dtype.bitwidth // 8
+            R = _WIDE_BYTES // (LANES * al)
+            i32 = ir.IntType(32)
+            vL = ir.VectorType(fty, LANES)
+            loaded, ptrs = [], []
+            for k in range(n_arrays):
+                arr, off, st = ll[3 * k], ll[3 * k + 1], ll[3 * k + 2]
+                rows, rptrs = [], []
+                for r in range(R):
+                    p = _arg_ptr(context, b, sig.args[3 * k], arr,
+                                 b.add(off, b.mul(st, ir.Constant(st.type, r))))
+                    if k in row_scalars:
+                        rows.append(_splat(b, b.load(p), LANES))
+                    else:
+                        p = b.bitcast(p, vL.as_pointer())
+                        rows.append(b.load(p, align=al))
+                    rptrs.append(p)
+                while len(rows) > 1:                         # concatenate the R rows
+                    w = 2 * rows[0].type.count
+                    rows = [b.shuffle_vector(rows[i], rows[i + 1],
+                                             ir.Constant(ir.VectorType(i32, w), list(range(w))))
+                            for i in range(0, len(rows), 2)]
+                loaded.append(rows[0])
+                ptrs.append(rptrs)
+            stores, _ = body(b, loaded, [_splat(b, sv, R * LANES) for sv in ll[3 * n_arrays:]])
+            for k, val in stores.items():
+                for r in range(R):
+                    part = b.shuffle_vector(val, val, ir.Constant(
+                        ir.VectorType(i32, LANES), list(range(r * LANES, (r + 1) * LANES))))
+                    b.store(part, ptrs[k][r], align=al)
+            return context.get_dummy_value()
+
+        return types.void(*args), codegen
+
+    params = ", ".join(f"a{k}" for k in range(3 * n_arrays + n_scalars))
+    ns = {"typer_impl": typer_impl}
+    exec(f"def typer(typingctx, {params}):\n    return typer_impl(typingctx, {params})\n", ns)
+    typer = ns["typer"]
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+def _stage_rows_body(builder, v, s):
+    # arrays: delta, bias, src, u, dt_mean (one per row), dt_row, bu_row; scalars: sp, lo, hi,
+    # mean?, arr?.  _stage_forward_body with the channel mean read per row
+    b = builder
+    delta, bias, src, u, dtm, _, _ = v
+    sp, lo, hi, mmean, marr = s
+    _, dt = _step_size(b, b.fadd(delta, bias), sp, lo, hi)
+    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
+    return {5: dt, 6: b.fmul(dtB, u)}, []
+
+
+#: ``_stage_rows(delta, bias, src, u, dt_mean, dt_row, bu_row (each: array, offset, row
+#: stride), sp, lo, hi, mean, arr)``: ``_stage_forward`` of R full rows.
+_stage_rows = _rows_intrinsic("_stage_rows", 7, 5, _stage_rows_body, row_scalars=(4,))
+#: ``_store_rows(y_row, D, u, z, out (each: array, offset, row stride), hasD, hasz)``:
+#: ``_store_forward`` of R full rows.
+_store_rows = _rows_intrinsic("_store_rows", 5, 2, _store_forward_body)
+
+
 # Run-time options of the kernels, one float array ``fl`` (the arrays' dtype):
 # softplus?, clip lo, clip hi, channel-mean dtB?, dtB given as an array?, D?, z?
 _SP, _LO, _HI, _MEAN, _ARR, _HAS_D, _HAS_Z = range(7)
@@ -544,18 +767,31 @@ def _step_mean_kernel(delta, bias, fl, dt_mean):
         dt_mean[r // L, r % L] = s / ch
 
 
+@njit(inline="always")
+def _aligned_zeros(n, like):
+    """``n`` zeros of ``like``'s dtype from a 64-byte boundary (a view of a larger array)."""
+    size = like.itemsize
+    buf = np.zeros(n + 64 // size, dtype=like.dtype)
+    return buf[(-buf.ctypes.data % 64) // size:][:n]
+
+
 @njit(parallel=True, cache=True)
-def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk, cblk,
+def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk,
                     out, h_last, ckpt):
     """Fill ``out [batch, L, ch]``, ``h_last [batch, ch, N]``, ``ckpt [batch, nc, ch, N]``.
 
-    One ``prange`` item = one batch row and a block of ``cblk`` consecutive
-    channels. Time goes chunk by chunk. A chunk's rows of the block are first
-    staged, one vector call per time step, into small local ``[chunk, cblk]``
-    buffers: the prologue (``dt = clip(softplus(delta + bias))`` and
-    ``dtB * u``) runs there, on rows read once as short bursts. Then every
-    channel of the block runs its ``chunk`` steps from those buffers, and the
-    epilogue (``(y + D u) silu(z)``) writes the outputs back the same way.
+    One ``prange`` item = one batch row and a block of :data:`LANES`
+    consecutive channels, which run side by side in the lanes of IR vectors
+    (``_lane_step``; state ``H [N, LANES]``). Time goes chunk by chunk. A
+    chunk's rows of the block are first staged into local ``[chunk, LANES]``
+    buffers, R rows per vector call (``_stage_rows``): the prologue (``dt =
+    clip(softplus(delta + bias))`` and ``dtB * u``) runs there, on rows read
+    once as short bursts. Then the block takes the chunk's steps from those
+    buffers, software-prefetching one row of the next chunk per step, and the
+    epilogue (``(y + D u) silu(z)``, ``_store_rows``) writes the outputs back
+    the same way. A block with fewer than LANES channels (the last one) keeps
+    zeros in its spare lanes (``dt = 0``, ``dtB u = 0``: they stay at 0) and
+    never stores them.
     """
     batch, L, ch = u.shape
     N = A.shape[1]
@@ -564,23 +800,31 @@ def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk
     bC, LC, GC = C4.shape[0], C4.shape[1], C4.shape[2]
     cpgB = ch // GB
     cpgC = ch // GC
-    nblk = (ch + cblk - 1) // cblk
+    nblk = (ch + LANES - 1) // LANES
+    R = _WIDE_BYTES // (LANES * u.itemsize)              # rows per _stage_rows call
     sp, lo, hi, mmean, marr = fl[_SP], fl[_LO], fl[_HI], fl[_MEAN], fl[_ARR]
     hasD, hasz = fl[_HAS_D], fl[_HAS_Z]
     for item in prange(batch * nblk):
         b = item // nblk
-        c0 = (item - b * nblk) * cblk
-        nb = min(cblk, ch - c0)
+        c0 = (item - b * nblk) * LANES
+        nb = min(LANES, ch - c0)
         bbB = b if bB > 1 else 0
         bbC = b if bC > 1 else 0
-        H = np.empty((cblk, N), dtype=u.dtype)
-        dtS = np.empty(chunk * cblk, dtype=u.dtype)     # [chunk, cblk]: dt
-        buS = np.empty(chunk * cblk, dtype=u.dtype)     # dtB * u
-        yS = np.empty(chunk * cblk, dtype=u.dtype)      # C . h
+        H = _aligned_zeros(N * LANES, u)           # [N, LANES] states
+        AT = _aligned_zeros(N * LANES, u)         # [N, LANES] A of the block
+        aS = _aligned_zeros(N * LANES, u)         # [N, LANES] A_bar of one step
+        dtS = _aligned_zeros(chunk * LANES, u)    # [chunk, LANES]: dt
+        buS = _aligned_zeros(chunk * LANES, u)    # dtB * u
+        yS = _aligned_zeros(chunk * LANES, u)     # C . h
         for cc in range(nb):
-            H[cc, :] = h0[b, c0 + cc]
-        Hf = H.reshape(-1)
-        Af = A.reshape(-1)
+            for n in range(N):
+                H[n * LANES + cc] = h0[b, c0 + cc, n]
+                AT[n * LANES + cc] = A[c0 + cc, n]
+        # a block within one group of B and of C reads their rows as they are;
+        # otherwise each step's rows are gathered per lane into BL / CL
+        one_group = (c0 // cpgB == (c0 + nb - 1) // cpgB) and (c0 // cpgC == (c0 + nb - 1) // cpgC)
+        BL = _aligned_zeros(N * LANES if not one_group else 0, u)
+        CL = _aligned_zeros(N * LANES if not one_group else 0, u)
         Bf = B4.reshape(-1)
         Cf = C4.reshape(-1)
         uf = u.reshape(-1)
@@ -588,43 +832,64 @@ def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk
         srcf = src.reshape(-1)
         zf = z.reshape(-1)
         outf = out.reshape(-1)
+        dmf = dt_mean.reshape(-1)
         line = 64 // u.itemsize
         for j in range(nc):
             t0 = j * chunk
             T = min(chunk, L - t0)
             Tn = min(chunk, L - t0 - chunk) if j + 1 < nc else 0
             for cc in range(nb):
-                ckpt[b, j, c0 + cc, :] = H[cc]
-            for k in range(T):                      # stage the chunk's inputs (prologue)
+                for n in range(N):
+                    ckpt[b, j, c0 + cc, n] = H[n * LANES + cc]
+            k0 = 0                                  # stage the chunk's inputs (prologue)
+            while nb == LANES and k0 + R <= T:
+                o = (b * L + t0 + k0) * ch + c0
+                _stage_rows(deltaf, o, ch, bias, c0, 0, srcf, o, ch, uf, o, ch,
+                            dmf, b * L + t0 + k0, 1, dtS, k0 * LANES, LANES,
+                            buS, k0 * LANES, LANES, sp, lo, hi, mmean, marr)
+                k0 += R
+            for k in range(k0, T):
                 o = (b * L + t0 + k) * ch + c0
-                _stage_forward(deltaf, o, bias, c0, srcf, o, uf, o, dtS, k * cblk, buS, k * cblk,
-                               sp, lo, hi, mmean, marr, dt_mean[b, t0 + k], nb)
-            for cc in range(nb):
-                if Tn > 0:                              # 1/nb of the next chunk's rows
-                    r0 = (cc * Tn) // nb
-                    r1 = ((cc + 1) * Tn) // nb
-                    o = (b * L + t0 + chunk + r0) * ch + c0
-                    _prefetch_rows(uf, o, ch, r1 - r0, nb, line)
-                    _prefetch_rows(deltaf, o, ch, r1 - r0, nb, line)
-                    _prefetch_rows(outf, o, ch, r1 - r0, nb, line)
+                _stage_forward(deltaf, o, bias, c0, srcf, o, uf, o, dtS, k * LANES,
+                               buS, k * LANES, sp, lo, hi, mmean, marr, dt_mean[b, t0 + k], nb)
+            for k in range(T):                      # the chunk's steps
+                t = t0 + k
+                if k < Tn:                          # row k of the next chunk
+                    o = (b * L + t0 + chunk + k) * ch + c0
+                    _prefetch_rows(uf, o, ch, 1, nb, line)
+                    _prefetch_rows(deltaf, o, ch, 1, nb, line)
+                    _prefetch_rows(outf, o, ch, 1, nb, line)
                     if hasz > 0:
-                        _prefetch_rows(zf, o, ch, r1 - r0, nb, line)
+                        _prefetch_rows(zf, o, ch, 1, nb, line)
                     if marr > 0:
-                        _prefetch_rows(srcf, o, ch, r1 - r0, nb, line)
-                c = c0 + cc
-                gB = c // cpgB
-                gC = c // cpgC
-                for k in range(T):
-                    t = t0 + k
-                    oB = ((bbB * LB + (t if LB > 1 else 0)) * GB + gB) * N     # B4[bbB, t, gB]
-                    oC = ((bbC * LC + (t if LC > 1 else 0)) * GC + gC) * N     # C4[bbC, t, gC]
-                    i = k * cblk + cc
-                    yS[i] = _forward_step(Hf, cc * N, Af, c * N, Bf, oB, Cf, oC, dtS[i], buS[i], N)
-            for k in range(T):                      # write the chunk's outputs (epilogue)
+                        _prefetch_rows(srcf, o, ch, 1, nb, line)
+                tB = t if LB > 1 else 0
+                tC = t if LC > 1 else 0
+                if one_group:
+                    oB = ((bbB * LB + tB) * GB + c0 // cpgB) * N     # B4[bbB, tB, g]
+                    oC = ((bbC * LC + tC) * GC + c0 // cpgC) * N
+                    _lane_step(H, 0, AT, 0, aS, 0, Bf, oB, Cf, oC, dtS, buS, yS, k * LANES, N)
+                else:
+                    for cc in range(nb):
+                        oB = ((bbB * LB + tB) * GB + (c0 + cc) // cpgB) * N
+                        oC = ((bbC * LC + tC) * GC + (c0 + cc) // cpgC) * N
+                        for n in range(N):
+                            BL[n * LANES + cc] = Bf[oB + n]
+                            CL[n * LANES + cc] = Cf[oC + n]
+                    _lane_step_gathered(H, 0, AT, 0, aS, 0, BL, 0, CL, 0, dtS, buS, yS,
+                                        k * LANES, N)
+            k0 = 0                                  # write the chunk's outputs (epilogue)
+            while nb == LANES and k0 + R <= T:
+                o = (b * L + t0 + k0) * ch + c0
+                _store_rows(yS, k0 * LANES, LANES, D, c0, 0, uf, o, ch, zf, o, ch,
+                            outf, o, ch, hasD, hasz)
+                k0 += R
+            for k in range(k0, T):
                 o = (b * L + t0 + k) * ch + c0
-                _store_forward(yS, k * cblk, D, c0, uf, o, zf, o, outf, o, hasD, hasz, nb)
+                _store_forward(yS, k * LANES, D, c0, uf, o, zf, o, outf, o, hasD, hasz, nb)
         for cc in range(nb):
-            h_last[b, c0 + cc, :] = H[cc]
+            for n in range(N):
+                h_last[b, c0 + cc, n] = H[n * LANES + cc]
 
 
 # --------------------------------------------------------------------------
@@ -825,7 +1090,7 @@ def _forward(u, delta, bias, src, fl, A, B4, C4, D, z, h0):
     h_last = np.empty_like(h0)
     ckpt = np.empty((batch, nc, channels, N), dtype=dtype)
     _forward_kernel(u, delta, bias, src_, dt_mean, D_, z_, fl, A, B4, C4, h0, chunk,
-                    _channel_block(batch, channels), out, h_last, ckpt)
+                    out, h_last, ckpt)
     saved = NumbaSaved(u, delta, bias, src_, dt_mean, D_, z_, fl, A, B4, C4, ckpt, chunk)
     return out, h_last, saved
 
