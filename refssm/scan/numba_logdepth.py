@@ -62,13 +62,24 @@ scan per work item) instead of being stored; then the local formulas of
 :func:`refssm.scan.numpy_seq.scan_core_backward` give every gradient.
 
 Parallelism and memory: ``prange`` over ``numba.get_num_threads()``
-*partitions* of the flattened ``batch x channels`` work items (so batch 1
-still uses every thread). Each partition owns ``[L_pad + 1, state]`` scratch
-buffers (two in the forward, four in the backward) and, in the backward,
-private float64 accumulators for the ``A``, ``B4`` and ``C4`` gradients (sums
-over channels, batch and, when constant, time), added up after the parallel
-loop: race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. Nothing
-of size ``batch x seq_len x channels x state`` is ever allocated.
+*partitions* of the flattened ``batch x channel blocks`` work items (blocks of
+8 channels; batch 1 still uses every thread). A block's ``[batch, L,
+channels]`` inputs are first copied into ``[8, seq_len]`` columns (each cache
+line and memory page read once for the 8 channels, instead of once per
+channel and step), its channels are scanned one by one from there, and
+their outputs go back the same way. Each partition owns ``[L_pad + 1,
+state]`` scratch buffers (two in the forward, four in the backward), the
+columns (``4 x 8 x seq_len``) and, in the backward, private float64
+accumulators for the ``A``, ``B4`` and ``C4`` gradients (sums over channels,
+batch and, when constant, time), added up after the parallel loop:
+race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. Nothing of size
+``batch x seq_len x channels x state`` is ever allocated.
+
+Vector code: the loops over the state of the tree levels, of the
+discretisation and of ``y = C . h`` are LLVM vector IR (the intrinsics of
+:mod:`refssm.scan.numba_seq`, whose fixed summation order they share), and
+``A_bar = fexp(dt A)`` is computed for a whole work item at once in 512-byte
+vectors (:func:`_fexp_inplace`).
 
 Precision: no ``fastmath``; the scan runs in the dtype of the inputs
 (float32 or float64); per-step sums over ``state`` and the gradient
@@ -88,15 +99,175 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._fastexp import check_fingerprint, deps_fingerprint, fexp
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-#: :func:`refssm.scan._fastexp.deps_fingerprint` of the ``fexp`` inlined into the cached
-#: kernels below (Numba keys their cache on this file only; see ``_fastexp``'s caveat).
-_DEPS_FINGERPRINT = "c4b770ad7e8011e458811dfc27973d11a10f0202700e5e5e683b2040136ab293"
-check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint())
+from . import numba_seq as _ns
+from ._fastexp import build_fexp, check_fingerprint, deps_fingerprint
+from .numba_seq import _loop_intrinsic
+
+#: :func:`refssm.scan._fastexp.deps_fingerprint` of the code inlined into the cached
+#: kernels below from other files: ``fexp`` and ``numba_seq``'s vector loops (Numba keys
+#: their cache on this file only; see ``_fastexp``'s caveat).
+_DEPS_FINGERPRINT = "f5677f284a399f421b3f2170549457a1f62f450402c184cce28ade6d9da67334"
+check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint(
+    _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args))
 
 __all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "linear_scan",
            "padded_length"]
+
+
+# --------------------------------------------------------------------------
+# Vector loops over the state (rows of N values), as LLVM IR
+# --------------------------------------------------------------------------
+# The same operations as the scalar formulas beside them, one row per call
+# (``numba_seq._loop_intrinsic``: 8 (float64) or 16 (float32) lanes, then a
+# scalar tail; sums in its fixed order). LLVM does not vectorise these short
+# loops itself (run-time alias checks; sums need ``fastmath``).
+
+def _combine_body(builder, v, s):
+    # arrays: a_j, a_i, b_j, b_i.  row i := row j o row i = (a_j a_i, a_i b_j + b_i)
+    aj, ai, bj, bi = v
+    return {1: builder.fmul(aj, ai), 3: builder.fadd(builder.fmul(ai, bj), bi)}, []
+
+
+def _distribute_body(builder, v, s):
+    # arrays: a_j, b_j, b_i.  b_j := b_i (left child: the parent's prefix);
+    # b_i := a_j b_i + b_j (right child: prefix o left-subtree total)
+    aj, bj, bi = v
+    return {1: bi, 2: builder.fadd(builder.fmul(aj, bi), bj)}, []
+
+
+def _discretize_body(builder, v, s):
+    # arrays: A_c, B_t, xa, xb; scalars: dt, dtB u.  xa = dt A (exponentiated later), xb = (dtB u) B
+    A, B, _, _ = v
+    dtv, buv = s
+    return {2: builder.fmul(dtv, A), 3: builder.fmul(buv, B)}, []
+
+
+def _dot_body(builder, v, s):
+    # arrays: C_t, h_t.  sum C h
+    return {}, [builder.fmul(v[0], v[1])]
+
+
+def _i64(builder, v):
+    return v if v.type.width == 64 else builder.sext(v, ir.IntType(64))
+
+
+def _level_intrinsic(name, body, rows):
+    """``f(xa, xb, d, Lp, N)``: ``body`` on the row pairs of one tree level, in one IR loop.
+
+    For ``i = 2d - 1, 4d - 1, ... < Lp`` and ``j = i - d``, the state loop of
+    ``body`` over the rows ``rows`` (``"aj"``, ``"ai"``, ``"bj"``, ``"bi"``:
+    row ``j`` or ``i`` of ``xa`` or ``xb``), as :func:`numba_seq._loop_intrinsic`
+    would run it for one pair; the loop over pairs is in the same IR (no call
+    and set-up per pair).
+    """
+    def typer(typingctx, xa, xb, d, Lp, N):
+        for a in (xa, xb):
+            if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                    and isinstance(a.dtype, types.Float) and a.dtype == xa.dtype):
+                raise TypeError(f"{name}: expected two 1-D C-contiguous float arrays")
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            xa_, xb_ = args[0], args[1]
+            d_, Lp_, N_ = (_i64(b, v) for v in args[2:])
+            two_d = b.mul(d_, ir.Constant(ir.IntType(64), 2))
+            start = b.sub(two_d, ir.Constant(ir.IntType(64), 1))
+            with cgutils.for_range_slice(b, start, Lp_, two_d) as (i, _):
+                j = b.sub(i, d_)
+                pick = {"aj": (xa_, j), "ai": (xa_, i), "bj": (xb_, j), "bi": (xb_, i)}
+                arrays = [pick[r][0] for r in rows]
+                offs = [b.mul(pick[r][1], N_) for r in rows]
+                tys = [sig.args[0] if r[0] == "a" else sig.args[1] for r in rows]
+                _ns._vector_loop_codegen(context, b, arrays, tys, offs, [], N_, body, 0)
+            return context.get_dummy_value()
+
+        return types.void(xa, xb, d, Lp, N), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+#: ``_upsweep_level(xa, xb, d, Lp, N)``: ``row i := row j o row i`` for the level's pairs.
+_upsweep_level = _level_intrinsic("_upsweep_level", _combine_body, ("aj", "ai", "bj", "bi"))
+#: ``_downsweep_level(xa, xb, d, Lp, N)``: the down-sweep's step (``b`` half) for the level.
+_downsweep_level = _level_intrinsic("_downsweep_level", _distribute_body, ("aj", "bj", "bi"))
+
+
+@intrinsic
+def _discretize_rows(typingctx, A, oA, B, oB, sB, dtc, dtBc, uc, xa, xb, L, N):
+    """``xa[t, n] = dt[t] A[n]``, ``xb[t, n] = (dtB[t] u[t]) B[oB + t sB + n]`` for ``t < L``.
+
+    Flat 1-D arrays; ``A`` from ``oA``; ``sB`` is 0 for a constant ``B``. One
+    IR loop over time around the state loop of ``numba_seq._loop_intrinsic``.
+    """
+    arrays = (A, B, dtc, dtBc, uc, xa, xb)
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout in "CA"
+                and isinstance(a.dtype, types.Float) and a.dtype == A.dtype):
+            raise TypeError("_discretize_rows: expected 1-D float arrays of one dtype")
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        A_, oA_, B_, oB_, sB_, dtc_, dtBc_, uc_, xa_, xb_, L_, N_ = args
+        oA_, oB_, sB_, L_, N_ = (_i64(b, v) for v in (oA_, oB_, sB_, L_, N_))
+        ta = sig.args
+        ptr = lambda k, arr, i: b.gep(context.make_array(ta[k])(context, b, arr).data, [i])  # noqa
+        with cgutils.for_range(b, L_) as loop:
+            t = loop.index
+            dtv = b.load(ptr(5, dtc_, t))
+            buv = b.fmul(b.load(ptr(6, dtBc_, t)), b.load(ptr(7, uc_, t)))
+            o = b.mul(t, N_)
+            _ns._vector_loop_codegen(
+                context, b, [A_, B_, xa_, xb_], [ta[0], ta[2], ta[8], ta[9]],
+                [oA_, b.add(oB_, b.mul(t, sB_)), o, o], [dtv, buv], N_, _discretize_body, 0)
+        return context.get_dummy_value()
+
+    sig = types.void(A, oA, B, oB, sB, dtc, dtBc, uc, xa, xb, L, N)
+    return sig, codegen
+
+
+#: ``_dot(C, oC, h, oh, N) -> sum_n C[n] h[n]``.
+_dot = _loop_intrinsic("_dot", 2, 0, _dot_body, 1)
+
+
+@intrinsic
+def _fexp_inplace(typingctx, x, n):
+    """``x[i] = fexp(x[i])`` for ``i < n`` (1-D C-contiguous float array).
+
+    In IR vectors of 64 (float64) or 128 (float32) values: LLVM splits each
+    into 8 machine vectors and interleaves them, so the ~30 dependent
+    operations of one ``fexp`` do not leave the core waiting on latency. Then
+    a scalar tail. Elementwise: the same IR as the scalar ``fexp``, same bits.
+    """
+    if not (isinstance(x, types.Array) and x.ndim == 1 and x.layout == "C"
+            and isinstance(x.dtype, types.Float) and isinstance(n, types.Integer)):
+        raise TypeError("_fexp_inplace: expected a 1-D C-contiguous float array and a length")
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        data = context.make_array(sig.args[0])(context, b, args[0]).data
+        i64 = ir.IntType(64)
+        cnt = args[1] if args[1].type.width == 64 else b.sext(args[1], i64)
+        width = 4096 // sig.args[0].dtype.bitwidth                 # 512 bytes
+        vty = ir.VectorType(data.type.pointee, width)
+        al = sig.args[0].dtype.bitwidth // 8
+        nblk = b.udiv(cnt, ir.Constant(i64, width))
+        with cgutils.for_range(b, nblk) as loop:
+            p = b.bitcast(b.gep(data, [b.mul(loop.index, ir.Constant(i64, width))]),
+                          vty.as_pointer())
+            b.store(build_fexp(b, b.load(p, align=al)), p, align=al)
+        with cgutils.for_range_slice(b, b.mul(nblk, ir.Constant(i64, width)), cnt,
+                                     ir.Constant(i64, 1)) as (i, _):
+            p = b.gep(data, [i])
+            b.store(build_fexp(b, b.load(p)), p)
+        return context.get_dummy_value()
+
+    return types.void(x, n), codegen
 
 
 class LogDepthSaved(NamedTuple):
@@ -149,12 +320,11 @@ def _upsweep(xa, xb, Lp):
     row ``Lp - 1`` holds the total of everything (see the module docstring).
     """
     N = xa.shape[1]
+    af, bf = xa.reshape(-1), xb.reshape(-1)
     d = 1
     while d < Lp:
-        for i in range(2 * d - 1, Lp, 2 * d):
-            j = i - d
-            for n in range(N):
-                xa[i, n], xb[i, n] = _combine(xa[j, n], xb[j, n], xa[i, n], xb[i, n])
+        # for i in range(2 d - 1, Lp, 2 d): xa[i], xb[i] = _combine(xa[i-d], xb[i-d], xa[i], xb[i])
+        _upsweep_level(af, bf, d, Lp, N)
         d *= 2
 
 
@@ -172,15 +342,14 @@ def _downsweep(xa, xb, Lp):
         xa[Lp, n] = xa[Lp - 1, n]
         xb[Lp, n] = xb[Lp - 1, n]
         xb[Lp - 1, n] = 0.0          # the root's prefix: identity (its a is never read)
+    af, bf = xa.reshape(-1), xb.reshape(-1)
     d = Lp // 2
     while d >= 1:
-        for i in range(2 * d - 1, Lp, 2 * d):
-            j = i - d                # end of the left subtree; i is the parent's row
-            for n in range(N):
-                left_b = xb[j, n]
-                xb[j, n] = xb[i, n]                     # left child: parent's prefix
-                # right child: prefix o left total (the a half is dead, see module doc)
-                xb[i, n] = xa[j, n] * xb[i, n] + left_b
+        # for i in range(2 d - 1, Lp, 2 d), j = i - d (the end of the left subtree; i is the
+        # parent's row): the left child takes the parent's prefix, xb[j] = xb[i]; the right
+        # child prefix o left total, xb[i] = xa[j] xb[i] + (old) xb[j] (the a half is dead,
+        # see the module doc)
+        _downsweep_level(af, bf, d, Lp, N)
         d //= 2
 
 
@@ -241,23 +410,54 @@ def linear_scan(a, b):
 # --------------------------------------------------------------------------
 
 @njit(cache=True)
-def _fill_forward(xa, xb, u, dt, dtB, A, B4, h0, b, c, gsB):
-    """Discretise work item ``(b, c)`` into rows ``0 .. L-1``; fold ``h0`` into row 0."""
-    L = u.shape[1]
+def _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
+    """Discretise work item ``(b, c)`` into rows ``0 .. L-1``; fold ``h0`` into row 0.
+
+    ``uc, dtc, dtBc`` ``[L]`` are the item's ``u, dt, dtB`` over time
+    (staged by :func:`_gather_columns`). ``xa[t] = exp(dt[t] A[c])``
+    (``fexp``) and ``xb[t] = (dtB[t] u[t]) B[t]``: first the products, a row
+    per step, then ``fexp`` over all ``L N`` of them in one pass of wide
+    vectors (:func:`_fexp_inplace`).
+    """
+    L = uc.shape[0]
     N = A.shape[1]
     bB = b if B4.shape[0] > 1 else 0
-    varB = B4.shape[1] > 1
+    LB = B4.shape[1]
+    GB = B4.shape[2]
     grp = c // gsB
-    for t in range(L):
-        tB = t if varB else 0
-        dtv = dt[b, t, c]
-        dtBv = dtB[b, t, c]
-        uv = u[b, t, c]
-        for n in range(N):
-            xa[t, n] = fexp(dtv * A[c, n])
-            xb[t, n] = dtBv * B4[bB, tB, grp, n] * uv
+    Af, Bf, af, bf = A.reshape(-1), B4.reshape(-1), xa.reshape(-1), xb.reshape(-1)
+    # for each t: xa[t] = dt[t] A[c], xb[t] = (dtB[t] u[t]) B4[bB, t, grp]
+    _discretize_rows(Af, c * N, Bf, (bB * LB * GB + grp) * N, GB * N if LB > 1 else 0,
+                     dtc, dtBc, uc, af, bf, L, N)
+    _fexp_inplace(af, L * N)
     for n in range(N):
         xb[0, n] += xa[0, n] * h0[b, c, n]
+
+
+#: Channels staged together (one 64-byte line of float64 values per time step).
+_CBLK = 8
+
+
+@njit(cache=True)
+def _gather_columns(x, b, c0, nb, out):
+    """``out[l, t] = x[b, t, c0 + l]`` for ``l < nb``: a block's channels, time contiguous.
+
+    The work items read their inputs along time; straight from ``[batch, L,
+    channels]`` that is one cache line and one memory page per step for each
+    channel. Read for a block of channels at once, each line and page serves
+    ``nb`` of them.
+    """
+    for t in range(x.shape[1]):
+        for l in range(nb):
+            out[l, t] = x[b, t, c0 + l]
+
+
+@njit(cache=True)
+def _scatter_columns(src, b, c0, nb, x):
+    """``x[b, t, c0 + l] = src[l, t]`` for ``l < nb`` (the inverse of :func:`_gather_columns`)."""
+    for t in range(x.shape[1]):
+        for l in range(nb):
+            x[b, t, c0 + l] = src[l, t]
 
 
 def _partitions(work):
@@ -269,9 +469,12 @@ def _partitions(work):
 def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
     """Fill ``y`` ``[batch, L, channels]`` and ``h_last`` ``[batch, channels, N]``.
 
-    Partition ``p`` of ``P`` takes work items ``w = b * channels + c`` in
-    ``[p W / P, (p+1) W / P)``; per item: discretise (:func:`_fill_forward`),
-    scan (:func:`_scan`), read out ``y[t] = C[t] . h[t]`` with ``h[t] = xb[t+1]``.
+    Work items are blocks ``w = b * nblk + k`` of :data:`_CBLK` channels;
+    partition ``p`` of ``P`` takes ``[p W / P, (p+1) W / P)``. Per block: its
+    ``u, dt, dtB`` are staged along time (:func:`_gather_columns`); per
+    channel: discretise (:func:`_fill_forward`), scan (:func:`_scan`), read
+    out ``y[t] = C[t] . h[t]`` with ``h[t] = xb[t+1]``; then the block's
+    ``y`` goes back (:func:`_scatter_columns`).
     """
     batch, L, channels = u.shape
     N = A.shape[1]
@@ -279,25 +482,35 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
     gsB = channels // B4.shape[2]
     gsC = channels // C4.shape[2]
     varC = C4.shape[1] > 1
-    W = batch * channels
+    nblk = (channels + _CBLK - 1) // _CBLK
+    W = batch * nblk
     for p in prange(P):
         xa = np.empty((Lp + 1, N), dtype=u.dtype)
         xb = np.empty((Lp + 1, N), dtype=u.dtype)
+        cols = np.empty((4, _CBLK, L), dtype=u.dtype)    # u, dt, dtB, y of a block
+        xbf = xb.reshape(-1)
+        Cf = C4.reshape(-1)
+        LC, GC = C4.shape[1], C4.shape[2]
         for w in range((p * W) // P, ((p + 1) * W) // P):
-            b = w // channels
-            c = w - b * channels
+            b = w // nblk
+            c0 = (w - b * nblk) * _CBLK
+            nb = min(_CBLK, channels - c0)
             bC = b if C4.shape[0] > 1 else 0
-            grpC = c // gsC
-            _fill_forward(xa, xb, u, dt, dtB, A, B4, h0, b, c, gsB)
-            _scan(xa, xb, L)
-            for t in range(L):
-                tC = t if varC else 0
-                s = 0.0
+            _gather_columns(u, b, c0, nb, cols[0])
+            _gather_columns(dt, b, c0, nb, cols[1])
+            _gather_columns(dtB, b, c0, nb, cols[2])
+            for l in range(nb):
+                c = c0 + l
+                grpC = c // gsC
+                _fill_forward(xa, xb, cols[0, l], cols[1, l], cols[2, l], A, B4, h0, b, c, gsB)
+                _scan(xa, xb, L)
+                yc = cols[3, l]
+                for t in range(L):                               # y[t] = C[t] . h[t]
+                    oC = ((bC * LC + (t if varC else 0)) * GC + grpC) * N
+                    yc[t] = _dot(Cf, oC, xbf, (t + 1) * N, N)
                 for n in range(N):
-                    s += C4[bC, tC, grpC, n] * xb[t + 1, n]      # y[t] = C[t] . h[t]
-                y[b, t, c] = s
-            for n in range(N):
-                h_last[b, c, n] = xb[L, n]
+                    h_last[b, c, n] = xb[L, n]
+            _scatter_columns(cols[3], b, c0, nb, y)
 
 
 @njit(parallel=True, cache=True)
@@ -318,71 +531,86 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     gsC = channels // C4.shape[2]
     varB = B4.shape[1] > 1
     varC = C4.shape[1] > 1
-    W = batch * channels
+    nblk = (channels + _CBLK - 1) // _CBLK
+    W = batch * nblk
     for p in prange(P):
         abar = np.empty((Lp + 1, N), dtype=u.dtype)   # a[t] (kept: the scan overwrites xa)
         H = np.empty((Lp + 1, N), dtype=u.dtype)      # H[t] = h[t-1], H[t+1] = h[t]
         xa = np.empty((Lp + 1, N), dtype=u.dtype)     # scan scratch (a half)
         G = np.empty((Lp + 1, N), dtype=u.dtype)      # G[L - t] = g[t] = dL/dh[t]
+        # a block's u, dt, dtB, dy along time; the gradients du, ddt, ddtB of a
+        # channel replace its u, dt, dtB once read (step 3)
+        cols = np.empty((4, _CBLK, L), dtype=u.dtype)
         dA = dA_p[p]
         dB = dB_p[p]
         dC = dC_p[p]
         for w in range((p * W) // P, ((p + 1) * W) // P):
-            b = w // channels
-            c = w - b * channels
-            bB = b if B4.shape[0] > 1 else 0
-            bC = b if C4.shape[0] > 1 else 0
-            grpB = c // gsB
-            grpC = c // gsC
-            # 1. recompute the forward states with the log-depth scan
-            _fill_forward(xa, H, u, dt, dtB, A, B4, h0, b, c, gsB)
-            for t in range(L):
+            b = w // nblk
+            c0 = (w - b * nblk) * _CBLK
+            nb = min(_CBLK, channels - c0)
+            _gather_columns(u, b, c0, nb, cols[0])
+            _gather_columns(dt, b, c0, nb, cols[1])
+            _gather_columns(dtB, b, c0, nb, cols[2])
+            _gather_columns(dy, b, c0, nb, cols[3])
+            for l in range(nb):
+                c = c0 + l
+                uc, dtc, dtBc, dyc = cols[0, l], cols[1, l], cols[2, l], cols[3, l]
+                bB = b if B4.shape[0] > 1 else 0
+                bC = b if C4.shape[0] > 1 else 0
+                grpB = c // gsB
+                grpC = c // gsC
+                # 1. recompute the forward states with the log-depth scan
+                _fill_forward(xa, H, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
+                for t in range(L):
+                    for n in range(N):
+                        abar[t, n] = xa[t, n]
+                _scan(xa, H, L)
                 for n in range(N):
-                    abar[t, n] = xa[t, n]
-            _scan(xa, H, L)
-            for n in range(N):
-                H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
-            # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
-            #    with dh_last folded into element 0 (whose a is never used: set to 1)
-            tC = L - 1 if varC else 0
-            dyv = dy[b, L - 1, c]
-            for n in range(N):
-                xa[0, n] = 1.0
-                G[0, n] = C4[bC, tC, grpC, n] * dyv + dh_last[b, c, n]
-            for s in range(1, L):
-                t = L - 1 - s
-                tC = t if varC else 0
-                dyv = dy[b, t, c]
+                    H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
+                # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
+                #    with dh_last folded into element 0 (whose a is never used: set to 1)
+                tC = L - 1 if varC else 0
+                dyv = dyc[L - 1]
                 for n in range(N):
-                    xa[s, n] = abar[t + 1, n]
-                    G[s, n] = C4[bC, tC, grpC, n] * dyv
-            _scan(xa, G, L)
-            # 3. the local gradient formulas (numpy_seq.scan_core_backward)
-            for t in range(L):
-                tB = t if varB else 0
-                tC = t if varC else 0
-                dtv = dt[b, t, c]
-                dtBv = dtB[b, t, c]
-                uv = u[b, t, c]
-                dyv = dy[b, t, c]
-                s_dt = 0.0
-                s_dtB = 0.0
-                s_u = 0.0
+                    xa[0, n] = 1.0
+                    G[0, n] = C4[bC, tC, grpC, n] * dyv + dh_last[b, c, n]
+                for s in range(1, L):
+                    t = L - 1 - s
+                    tC = t if varC else 0
+                    dyv = dyc[t]
+                    for n in range(N):
+                        xa[s, n] = abar[t + 1, n]
+                        G[s, n] = C4[bC, tC, grpC, n] * dyv
+                _scan(xa, G, L)
+                # 3. the local gradient formulas (numpy_seq.scan_core_backward)
+                for t in range(L):
+                    tB = t if varB else 0
+                    tC = t if varC else 0
+                    dtv = dtc[t]
+                    dtBv = dtBc[t]
+                    uv = uc[t]
+                    dyv = dyc[t]
+                    s_dt = 0.0
+                    s_dtB = 0.0
+                    s_u = 0.0
+                    for n in range(N):
+                        g = G[L - t, n]
+                        Bv = B4[bB, tB, grpB, n]
+                        d_dtA = g * H[t, n] * abar[t, n]            # dL/d(dt A)
+                        s_dt += d_dtA * A[c, n]
+                        dA[c, n] += d_dtA * dtv
+                        s_dtB += g * Bv * uv
+                        s_u += g * dtBv * Bv
+                        dB[bB, tB, grpB, n] += g * dtBv * uv
+                        dC[bC, tC, grpC, n] += dyv * H[t + 1, n]
+                    dtc[t] = s_dt                       # d dt, d dtB, d u (in place)
+                    dtBc[t] = s_dtB
+                    uc[t] = s_u
                 for n in range(N):
-                    g = G[L - t, n]
-                    Bv = B4[bB, tB, grpB, n]
-                    d_dtA = g * H[t, n] * abar[t, n]            # dL/d(dt A)
-                    s_dt += d_dtA * A[c, n]
-                    dA[c, n] += d_dtA * dtv
-                    s_dtB += g * Bv * uv
-                    s_u += g * dtBv * Bv
-                    dB[bB, tB, grpB, n] += g * dtBv * uv
-                    dC[bC, tC, grpC, n] += dyv * H[t + 1, n]
-                ddt[b, t, c] = s_dt
-                ddtB[b, t, c] = s_dtB
-                du[b, t, c] = s_u
-            for n in range(N):
-                dh0[b, c, n] = abar[0, n] * G[L, n]
+                    dh0[b, c, n] = abar[0, n] * G[L, n]
+            _scatter_columns(cols[0], b, c0, nb, du)
+            _scatter_columns(cols[1], b, c0, nb, ddt)
+            _scatter_columns(cols[2], b, c0, nb, ddtB)
 
 
 # --------------------------------------------------------------------------
@@ -443,7 +671,8 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     batch, _, channels = u.shape
     y = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
-    _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, _partitions(batch * channels))
+    _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last,
+                    _partitions(batch * -(-channels // _CBLK)))
     return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
 
 
@@ -476,7 +705,7 @@ def scan_core_backward(dy, dh_last, saved: LogDepthSaved):
         raise ValueError(f"dy, dh_last: expected {u.shape} and {h0.shape}, got {dy.shape} "
                          f"and {dh_last.shape}")
     batch, _, channels = u.shape
-    P = _partitions(batch * channels)
+    P = _partitions(batch * -(-channels // _CBLK))
     du = np.empty_like(u)
     ddt = np.empty_like(u)
     ddtB = np.empty_like(u)
