@@ -26,41 +26,37 @@ What differs is *how*:
   (64) steps: the chunk's ``dt``, ``dtB``, ``u`` (and ``dy``) of the block are
   copied into small local buffers in one burst (software-prefetched one chunk
   ahead), the channels run from there, and the outputs go back the same way.
-* **The forward: channels in vector lanes.** One ``prange`` item per batch
-  row and block of :data:`LANES` (16) consecutive channels (flattened, so
-  batch 1 still uses every thread); the block's channels are the lanes of
-  the IR vectors of ``_lane_step``, which runs one time step of the block:
-  all ``N * 16`` values of ``A_bar`` first, as vectors of 512 bytes, then
-  the recurrence one state index at a time. ``fexp`` is ~30 dependent
-  operations; computed one short vector at a time (the per-channel layout
-  below) the core mostly waits on their latency, and the wide vectors give
-  it 4-8 independent chains instead (at W1 the kernel went from ~47 to
-  ~31 ms). Prologue and epilogue stage 4 (float64) or 8 (float32) rows per
-  call for the same reason, and the next chunk is prefetched one row per
-  step. Every lane computes each state element with the same IEEE
-  operations as the per-channel code, so states and checkpoints are the
-  same bits in both layouts; ``y = sum_n C h`` is summed in increasing
-  ``n`` per lane.
-* **The backward: vector loops over the state.** Its ``prange`` items are
-  blocks of up to 16 channels too, but each channel walks time on its own
-  and each time step is one call of an intrinsic that emits the loop over
-  ``n`` as LLVM vector IR (``_recompute_step``, ``_adjoint_step``; also
-  ``_forward_step``, used by :mod:`refssm.models.mamba_stepper`): blocks of
-  8 (float64) or 16 (float32) lanes, then a scalar tail. LLVM would not
-  vectorise these loops itself at ``N = 16`` (run-time alias checks push its
-  minimum trip count above 16; sums need ``fastmath``). ``A_bar`` is the
-  vector form of :func:`refssm.scan._fastexp.fexp` (<= 1 ulp, branch-free,
-  the same IR as the scalar form). Sums over ``n`` (``y``; ``d dt``,
-  ``d dtB``, ``d u``) have one fixed order (``_vector_loop_codegen``): results
-  do not depend on the thread count, ``fastmath`` (never used) or the CPU.
-  (The ``y`` the backward recomputes for the gate's gradient is therefore
-  summed in another order than the forward's ``y``: they may differ in the
-  last bit.)
+* **Channels in vector lanes.** One ``prange`` item per batch row and
+  block of :data:`LANES` (16) consecutive channels (flattened, so batch 1
+  still uses every thread); the block's channels are the lanes of the IR
+  vectors of ``_lane_step``, which runs one time step of the block: all
+  ``N * 16`` values of ``A_bar`` first, as vectors of 512 bytes, then the
+  recurrence one state index at a time. ``fexp`` is ~30 dependent
+  operations; computed one short vector at a time the core mostly waits on
+  their latency, and the wide vectors give it 4-8 independent chains
+  instead. The staging of rows (prologue, epilogue, and their backward)
+  takes 4 (float64) or 8 (float32) rows per call for the same reason, and
+  the next chunk is prefetched one row per step. (With the state in the
+  lanes instead, one channel at a time, the W1 forward took ~47 ms against
+  ~31 now, and the forward+backward ~150 against ~105.) A block with fewer
+  than 16 channels (the last one) keeps zeros in its spare lanes: ``dt = 0``
+  and ``dtB u = 0`` keep their states at 0, ``d out = 0`` their adjoints,
+  and they are never stored. LLVM would not vectorise these loops itself
+  (run-time alias checks; sums need ``fastmath``). ``A_bar`` is the vector
+  form of :func:`refssm.scan._fastexp.fexp` (<= 1 ulp, branch-free, the same
+  IR as the scalar form), so every element is the same bits whatever the
+  layout or vector width. Sums have one fixed order: over ``n`` increasing
+  ``n`` per lane (``y``, ``d dt``, ``sum_n g B``), over the lanes of a block
+  by halving (``dB[t]``, ``dC[t]``, see ``_lane_sums_add``): results do not
+  depend on the thread count, ``fastmath`` (never used) or the CPU.
+  (:func:`refssm.models.mamba_stepper` steps one channel at a time with
+  ``_forward_step``, the state in the lanes.)
 * **Checkpointed backward.** The forward stores the state entering every
-  chunk. The backward walks each channel's chunks in reverse: it recomputes
-  the chunk's ``A_bar`` and states from the checkpoint into local
-  ``[CHUNK, N]`` buffers, then runs the adjoint recurrence of
-  :func:`refssm.scan.numpy_seq.scan_core_backward` backwards through them,
+  chunk. The backward walks each block's chunks in reverse: it recomputes
+  the chunk's ``A_bar`` and states from the checkpoint with the forward's
+  ``_lane_step`` (same bits) into local ``[CHUNK, N, 16]`` buffers, then
+  runs the adjoint recurrence of :func:`refssm.scan.numpy_seq.
+  scan_core_backward` backwards through them (``_lane_adjoint``),
   accumulating every gradient term of the step in the same pass.
 * **Race-free reductions.** ``dB``/``dC`` sum over the channels of a group
   (and over the batch when ``bB == 1``), ``dA`` over the batch. The backward's
@@ -77,7 +73,8 @@ allocates ``out`` and ``h_last`` (its outputs) and the checkpoints
 ``[batch, nc, channels, N]`` (``N / CHUNK`` = a quarter of ``u``'s size at
 ``N = 16``), plus ``dt_mean [batch, seq_len]`` for the channel mean. The
 backward allocates its outputs, ``dA``, ``dD``, ``d delta_bias`` per batch
-row, per partition ``O(CHUNK * (N + 16 * 13))`` scratch, and
+row, per partition ``O(16 * CHUNK * (2 N + 17))`` scratch (264 KiB at
+``N = 16`` in float64), and
 the shared rows of ``dB``/``dC``: at most ``(P - 1) * LB * N`` values each for
 variable/grouped ``B``/``C``, ``(P - 1) * G * N`` for constant ones.
 
@@ -405,7 +402,7 @@ def _store_forward_body(builder, v, s):
 
 def _stage_backward_body(builder, v, s):
     # arrays: delta, bias, src, u, z, d_out, dt_row, dtB_row, u_row, z_row, sz_row, do_row,
-    #         df_row; scalars: sp, lo, hi, mean?, arr?, dt_mean
+    #         df_row, bu_row; scalars: sp, lo, hi, mean?, arr?, dt_mean
     b = builder
     delta, bias, src, u, z, dout = v[:6]
     sp, lo, hi, mmean, marr, dtm = s
@@ -413,7 +410,7 @@ def _stage_backward_body(builder, v, s):
     raw, dt = _step_size(b, x, sp, lo, hi)
     dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
     return {6: dt, 7: dtB, 8: u, 9: z, 10: build_sigmoid(b, z), 11: dout,
-            12: _step_size_grad(b, x, raw, sp, lo, hi)}, []
+            12: _step_size_grad(b, x, raw, sp, lo, hi), 13: b.fmul(dtB, u)}, []
 
 
 def _store_backward_body(builder, v, s):
@@ -485,32 +482,6 @@ def _forward_step_body(builder, v, s):
     return {0: hn}, [builder.fmul(C, hn)]
 
 
-def _recompute_step_body(builder, v, s):
-    # arrays: h_prev, h, a, A, B, C; scalars: dt, dtB * u.  The forward step again (same IR,
-    # same sums: the same bits), keeping a = A_bar and h, and returning y_core = sum C h
-    hp, _, _, A, B, C = v
-    dtv, buv = s
-    a = build_fexp(builder, builder.fmul(dtv, A))
-    h = builder.fadd(builder.fmul(a, hp), builder.fmul(buv, B))
-    return {1: h, 2: a}, [builder.fmul(C, h)]
-
-
-def _adjoint_step_body(builder, v, s):
-    # arrays: g, h_prev, a, h, A, B, C, dA, dB_row, dC_row; scalars: dy, dt, dtB * u
-    # g_t = g + C dy (complete dL/dh[t]); dd = g_t h[t-1] A_bar (dL/d(dt A));
-    # dA += dd dt; dB[t] += g_t dtB u; dC[t] += dy h[t]; g = g_t A_bar (to h[t-1]);
-    # sums: d dt = sum dd A, and sum g_t B (times u: d dtB; times dtB: d u)
-    g, hp, a, h, A, B, C, dA, dB, dC = v
-    dyv, dtv, bu = s
-    gt = builder.fadd(g, builder.fmul(C, dyv))
-    dd = builder.fmul(builder.fmul(gt, hp), a)
-    stores = {0: builder.fmul(gt, a),
-              7: builder.fadd(dA, builder.fmul(dd, dtv)),
-              8: builder.fadd(dB, builder.fmul(gt, bu)),
-              9: builder.fadd(dC, builder.fmul(h, dyv))}
-    return stores, [builder.fmul(dd, A), builder.fmul(gt, B)]
-
-
 # (each array argument below is an (array, offset) pair, see _loop_intrinsic)
 #: ``_stage_forward(delta, bias, src, u, dt_row, bu_row, sp, lo, hi, mean, arr, dt_mean, n)``:
 #: one time step's row of the prologue (``dt`` and ``dtB * u`` of ``n`` channels).
@@ -519,8 +490,8 @@ _stage_forward = _loop_intrinsic("_stage_forward", 6, 6, _stage_forward_body, 0)
 _step_sum = _loop_intrinsic("_step_sum", 2, 3, _step_sum_body, 1)
 #: ``_store_forward(y_row, D, u, z, out, hasD, hasz, n)``: the epilogue of one row.
 _store_forward = _loop_intrinsic("_store_forward", 5, 2, _store_forward_body, 0)
-#: ``_stage_backward(delta, bias, src, u, z, d_out, <7 rows>, sp, lo, hi, mean, arr, dt_mean, n)``
-_stage_backward = _loop_intrinsic("_stage_backward", 13, 6, _stage_backward_body, 0)
+#: ``_stage_backward(delta, bias, src, u, z, d_out, <8 rows>, sp, lo, hi, mean, arr, dt_mean, n)``
+_stage_backward = _loop_intrinsic("_stage_backward", 14, 6, _stage_backward_body, 0)
 #: ``_store_backward(du_row, ddt_row, ddtB_row, df_row, db_row, du, d_delta, mean, n)
 #: -> sum of d dtB`` over the row.
 _store_backward = _loop_intrinsic("_store_backward", 7, 1, _store_backward_body, 1)
@@ -536,13 +507,6 @@ _prologue_backward = _loop_intrinsic("_prologue_backward", 5, 5, _prologue_backw
 _epilogue_backward = _loop_intrinsic("_epilogue_backward", 7, 2, _epilogue_backward_body, 0)
 #: ``_forward_step(h, A_c, B_t, C_t, dt, dtB_u, N) -> y``: one forward step of one channel.
 _forward_step = _loop_intrinsic("_forward_step", 4, 2, _forward_step_body, 1)
-#: ``_recompute_step(h_prev, h, a, A_c, B_t, C_t, dt, dtB_u, N) -> y_core``: fills
-#: ``a = A_bar`` and ``h``.
-_recompute_step = _loop_intrinsic("_recompute_step", 6, 2, _recompute_step_body, 1)
-#: ``_adjoint_step(g, h_prev, a, h, A_c, B_t, C_t, dA_c, dB_row, dC_row, dy, dt, dtB_u, N)``
-#: ``-> (d dt, sum_n g_t B)``: one reverse step; updates ``g`` and accumulates
-#: ``dA_c``, ``dB_row``, ``dC_row`` (see ``_adjoint_step_body``).
-_adjoint_step = _loop_intrinsic("_adjoint_step", 10, 3, _adjoint_step_body, 2)
 
 # --------------------------------------------------------------------------
 # the forward in channel lanes: LANES channels side by side in one IR vector
@@ -580,31 +544,33 @@ def _splat(builder, value, width):
 
 
 def _lane_step_intrinsic(name, gathered):
-    """``f(H, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N)``: one step of LANES channels.
+    """``f(H, oHp, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N)``: one step of LANES channels.
 
-    ``H``, ``AT``, ``aS`` are ``[N, LANES]`` (state, ``A`` transposed, scratch
-    for ``A_bar``) from their offsets; ``dtS``, ``buS``, ``yS`` hold the
+    ``H`` holds ``[N, LANES]`` states: the step reads them at ``oHp`` and
+    writes the new ones at ``oH`` (the same offset in the forward; the
+    backward keeps every state of a chunk). ``AT`` and ``aS`` are ``[N,
+    LANES]`` too (``A`` transposed; ``A_bar``, kept for the backward); ``dtS``, ``buS``, ``yS`` hold the
     step's row of LANES values at ``oS``. ``B``/``C`` are the group's row of
     ``N`` values at ``oB``/``oC`` (one per ``n``, for every lane), or, when
     ``gathered``, ``[N, LANES]`` rows with each lane's own group::
 
         aS[n, l] = fexp(dtS[l] * AT[n, l])                    (all n first)
-        H[n, l]  = aS[n, l] * H[n, l] + buS[l] * B[n, l]
+        H[n, l]  = aS[n, l] * H_prev[n, l] + buS[l] * B[n, l]
         yS[l]    = sum_n C[n, l] * H[n, l]                     (n = 0, 1, ...)
     """
-    def typer(typingctx, H, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N):
+    def typer(typingctx, H, oHp, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N):
         arrays = (H, AT, aS, B, C, dtS, buS, yS)
         for a in arrays:
             if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
                     and isinstance(a.dtype, types.Float) and a.dtype == H.dtype):
                 raise TypeError(f"{name}: expected 1-D C-contiguous float arrays of one dtype")
-        for o in (oH, oA, oa, oB, oC, oS, N):
+        for o in (oHp, oH, oA, oa, oB, oC, oS, N):
             if not isinstance(o, types.Integer):
                 raise TypeError(f"{name}: offsets and N must be integers")
 
         def codegen(context, builder, sig, args):
             b = builder
-            Hv, oH, ATv, oA, aSv, oa, Bv, oB, Cv, oC, dtv, buv, yv, oS, n = (
+            Hv, oHp, oH, ATv, oA, aSv, oa, Bv, oB, Cv, oC, dtv, buv, yv, oS, n = (
                 b.sext(a, ir.IntType(64)) if isinstance(a.type, ir.IntType) and a.type.width < 64
                 else a for a in args)
             ta = sig.args
@@ -620,38 +586,39 @@ def _lane_step_intrinsic(name, gathered):
             def vptr(k, arr, off, vty):
                 return b.bitcast(_arg_ptr(context, b, ta[k], arr, off), vty.as_pointer())
 
-            dt = b.load(vptr(10, dtv, oS, vL), align=al)
-            bu = b.load(vptr(11, buv, oS, vL), align=al)
+            dt = b.load(vptr(11, dtv, oS, vL), align=al)
+            bu = b.load(vptr(12, buv, oS, vL), align=al)
             dtG = b.shuffle_vector(dt, dt, ir.Constant(ir.VectorType(ir.IntType(32), G * LANES),
                                                        list(range(LANES)) * G))
             nG = b.udiv(n, c(G))
             with cgutils.for_range(b, nG) as loop:             # A_bar, G rows at a time
                 o = b.mul(loop.index, c(G * LANES))
-                x = b.fmul(dtG, b.load(vptr(2, ATv, b.add(oA, o), vG), align=al))
-                b.store(build_fexp(b, x), vptr(4, aSv, b.add(oa, o), vG), align=al)
+                x = b.fmul(dtG, b.load(vptr(3, ATv, b.add(oA, o), vG), align=al))
+                b.store(build_fexp(b, x), vptr(5, aSv, b.add(oa, o), vG), align=al)
             with cgutils.for_range_slice(b, b.mul(nG, c(G)), n, c(1)) as (i, _):
                 o = b.mul(i, c(LANES))
-                x = b.fmul(dt, b.load(vptr(2, ATv, b.add(oA, o), vL), align=al))
-                b.store(build_fexp(b, x), vptr(4, aSv, b.add(oa, o), vL), align=al)
+                x = b.fmul(dt, b.load(vptr(3, ATv, b.add(oA, o), vL), align=al))
+                b.store(build_fexp(b, x), vptr(5, aSv, b.add(oa, o), vL), align=al)
             acc = cgutils.alloca_once_value(b, _const(vL, -0.0))
             with cgutils.for_range(b, n) as loop:              # the recurrence, n by n
                 i = loop.index
                 o = b.mul(i, c(LANES))
                 hp = vptr(0, Hv, b.add(oH, o), vL)
-                a = b.load(vptr(4, aSv, b.add(oa, o), vL), align=al)
+                a = b.load(vptr(5, aSv, b.add(oa, o), vL), align=al)
+                hprev = b.load(vptr(0, Hv, b.add(oHp, o), vL), align=al)
                 if gathered:
-                    Bn = b.load(vptr(6, Bv, b.add(oB, o), vL), align=al)
-                    Cn = b.load(vptr(8, Cv, b.add(oC, o), vL), align=al)
+                    Bn = b.load(vptr(7, Bv, b.add(oB, o), vL), align=al)
+                    Cn = b.load(vptr(9, Cv, b.add(oC, o), vL), align=al)
                 else:
-                    Bn = _splat(b, b.load(_arg_ptr(context, b, ta[6], Bv, b.add(oB, i))), LANES)
-                    Cn = _splat(b, b.load(_arg_ptr(context, b, ta[8], Cv, b.add(oC, i))), LANES)
-                h = b.fadd(b.fmul(a, b.load(hp, align=al)), b.fmul(bu, Bn))
+                    Bn = _splat(b, b.load(_arg_ptr(context, b, ta[7], Bv, b.add(oB, i))), LANES)
+                    Cn = _splat(b, b.load(_arg_ptr(context, b, ta[9], Cv, b.add(oC, i))), LANES)
+                h = b.fadd(b.fmul(a, hprev), b.fmul(bu, Bn))
                 b.store(h, hp, align=al)
                 b.store(b.fadd(b.load(acc), b.fmul(Cn, h)), acc)
-            b.store(b.load(acc), vptr(12, yv, oS, vL), align=al)
+            b.store(b.load(acc), vptr(13, yv, oS, vL), align=al)
             return context.get_dummy_value()
 
-        return types.void(H, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N), codegen
+        return types.void(H, oHp, oH, AT, oA, aS, oa, B, oB, C, oC, dtS, buS, yS, oS, N), codegen
 
     typer.__name__ = name
     return intrinsic(typer)
@@ -747,6 +714,185 @@ _stage_rows = _rows_intrinsic("_stage_rows", 7, 5, _stage_rows_body, row_scalars
 #: ``_store_rows(y_row, D, u, z, out (each: array, offset, row stride), hasD, hasz)``:
 #: ``_store_forward`` of R full rows.
 _store_rows = _rows_intrinsic("_store_rows", 5, 2, _store_forward_body)
+
+
+def _lane_adjoint_intrinsic(name, gathered):
+    """One reverse step of LANES channels: the adjoint of ``_lane_step``.
+
+    ``f(G, Hb, ohp, oh, ab, oa, AT, dA, B, oB, C, oC, PB, PC, dtS, buS, dyS, ddtS, sgbS, oS, N)``,
+    every operand ``[N, LANES]`` from its offset (``G``, ``AT``, ``dA``,
+    ``PB``, ``PC`` from 0; ``Hb`` the chunk's states: ``h[t-1]`` at ``ohp``,
+    ``h[t]`` at ``oh``; ``ab`` its ``A_bar`` at ``oa``) or a row of LANES at
+    ``oS``; ``B``/``C`` as in ``_lane_step``. Per ``n`` (increasing), lane by
+    lane, the formulas of :func:`refssm.scan.numpy_seq.scan_core_backward`::
+
+        g_t   = G[n] + C[n] dy              (complete dL/dh[t])
+        dd    = g_t h[t-1, n] A_bar[n]      (dL/d(dt A))
+        G[n]  = g_t A_bar[n]                (on to h[t-1])
+        dA[n] += dd dt;   PB[n] = g_t (dtB u);   PC[n] = h[t, n] dy
+        ddtS  = sum_n dd A[n];   sgbS = sum_n g_t B[n]
+
+    ``PB``/``PC`` are each lane's share of ``dB[t]``/``dC[t]``, summed over the
+    channels by the caller.
+    """
+    def typer(typingctx, G, Hb, ohp, oh, ab, oa, AT, dA, B, oB, C, oC, PB, PC,
+              dtS, buS, dyS, ddtS, sgbS, oS, N):
+        arrays = (G, Hb, ab, AT, dA, B, C, PB, PC, dtS, buS, dyS, ddtS, sgbS)
+        for a in arrays:
+            if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                    and isinstance(a.dtype, types.Float) and a.dtype == G.dtype):
+                raise TypeError(f"{name}: expected 1-D C-contiguous float arrays of one dtype")
+        for o in (ohp, oh, oa, oB, oC, oS, N):
+            if not isinstance(o, types.Integer):
+                raise TypeError(f"{name}: offsets and N must be integers")
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            (Gv, Hv, ohp, oh, av, oa, ATv, dAv, Bv, oB, Cv, oC, PBv, PCv,
+             dtv, buv, dyv, ddtv, sgbv, oS, n) = (
+                b.sext(a, ir.IntType(64)) if isinstance(a.type, ir.IntType) and a.type.width < 64
+                else a for a in args)
+            ta = sig.args
+            dtype = ta[0].dtype
+            fty = context.get_value_type(dtype)
+            i64 = ir.IntType(64)
+            al = dtype.bitwidth // 8
+            vL = ir.VectorType(fty, LANES)
+
+            def vptr(k, arr, off):
+                return b.bitcast(_arg_ptr(context, b, ta[k], arr, off), vL.as_pointer())
+
+            def vload(k, arr, off):
+                return b.load(vptr(k, arr, off), align=al)
+
+            dt = vload(14, dtv, oS)
+            bu = vload(15, buv, oS)
+            dy = vload(16, dyv, oS)
+            acc_dt = cgutils.alloca_once_value(b, _const(vL, -0.0))
+            acc_gb = cgutils.alloca_once_value(b, _const(vL, -0.0))
+            with cgutils.for_range(b, n) as loop:
+                i = loop.index
+                o = b.mul(i, ir.Constant(i64, LANES))
+                if gathered:
+                    Bn = vload(8, Bv, b.add(oB, o))
+                    Cn = vload(10, Cv, b.add(oC, o))
+                else:
+                    Bn = _splat(b, b.load(_arg_ptr(context, b, ta[8], Bv, b.add(oB, i))), LANES)
+                    Cn = _splat(b, b.load(_arg_ptr(context, b, ta[10], Cv, b.add(oC, i))), LANES)
+                a = vload(4, av, b.add(oa, o))
+                gt = b.fadd(vload(0, Gv, o), b.fmul(Cn, dy))
+                dd = b.fmul(b.fmul(gt, vload(1, Hv, b.add(ohp, o))), a)
+                b.store(b.fmul(gt, a), vptr(0, Gv, o), align=al)
+                b.store(b.fadd(vload(7, dAv, o), b.fmul(dd, dt)), vptr(7, dAv, o), align=al)
+                b.store(b.fmul(gt, bu), vptr(12, PBv, o), align=al)
+                b.store(b.fmul(vload(1, Hv, b.add(oh, o)), dy), vptr(13, PCv, o), align=al)
+                b.store(b.fadd(b.load(acc_dt), b.fmul(dd, vload(6, ATv, o))), acc_dt)
+                b.store(b.fadd(b.load(acc_gb), b.fmul(gt, Bn)), acc_gb)
+            b.store(b.load(acc_dt), vptr(17, ddtv, oS), align=al)
+            b.store(b.load(acc_gb), vptr(18, sgbv, oS), align=al)
+            return context.get_dummy_value()
+
+        return types.void(G, Hb, ohp, oh, ab, oa, AT, dA, B, oB, C, oC, PB, PC,
+                          dtS, buS, dyS, ddtS, sgbS, oS, N), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+#: The adjoint of ``_lane_step`` (see ``_lane_adjoint_intrinsic``).
+_lane_adjoint = _lane_adjoint_intrinsic("_lane_adjoint", False)
+#: The adjoint of ``_lane_step_gathered``.
+_lane_adjoint_gathered = _lane_adjoint_intrinsic("_lane_adjoint_gathered", True)
+
+
+@intrinsic
+def _lane_sums_add(typingctx, P, acc, oacc, N):
+    """``acc[oacc + n] += sum_l P[n, l]`` for ``n < N``: ``P`` ``[N, LANES]`` summed over lanes.
+
+    The sum over the LANES lanes halves the vector (``v[:8] + v[8:]``, then
+    ``[:4] + [4:]``, ...), each ``n`` the same way: a fixed order.
+    """
+    if not (isinstance(P, types.Array) and isinstance(acc, types.Array) and P.ndim == 1
+            and acc.ndim == 1 and P.dtype == acc.dtype and isinstance(P.dtype, types.Float)
+            and isinstance(oacc, types.Integer) and isinstance(N, types.Integer)):
+        raise TypeError("_lane_sums_add: expected two 1-D float arrays of one dtype, "
+                        "an offset and N")
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        Pv, accv = args[0], args[1]
+        oacc, n = (b.sext(a, ir.IntType(64)) if a.type.width < 64 else a for a in args[2:])
+        fty = context.get_value_type(sig.args[0].dtype)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        al = sig.args[0].dtype.bitwidth // 8
+        vL = ir.VectorType(fty, LANES)
+        with cgutils.for_range(b, n) as loop:
+            i = loop.index
+            p = b.bitcast(_arg_ptr(context, b, sig.args[0], Pv, b.mul(i, ir.Constant(i64, LANES))),
+                          vL.as_pointer())
+            r = b.load(p, align=al)
+            width = LANES
+            while width > 1:
+                half = width // 2
+                lo = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+                hi = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half),
+                                                        list(range(half, width))))
+                r = b.fadd(lo, hi)
+                width = half
+            q = _arg_ptr(context, b, sig.args[1], accv, b.add(oacc, i))
+            b.store(b.fadd(b.load(q), b.extract_element(r, ir.Constant(i32, 0))), q)
+        return context.get_dummy_value()
+
+    return types.void(P, acc, oacc, N), codegen
+
+
+def _stage_backward_rows_body(builder, v, s):
+    # arrays: delta, bias, src, u, z, d_out, dt_mean (one per row), dt_row, dtB_row, u_row,
+    #         z_row, sz_row, do_row, df_row, bu_row; scalars: sp, lo, hi, mean?, arr?
+    b = builder
+    delta, bias, src, u, z, dout, dtm = v[:7]
+    sp, lo, hi, mmean, marr = s
+    x = b.fadd(delta, bias)
+    raw, dt = _step_size(b, x, sp, lo, hi)
+    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
+    return {7: dt, 8: dtB, 9: u, 10: z, 11: build_sigmoid(b, z), 12: dout,
+            13: _step_size_grad(b, x, raw, sp, lo, hi), 14: b.fmul(dtB, u)}, []
+
+
+def _gate_backward_body(builder, v, s):
+    # arrays: d_out, y_core, D, u, z, sigmoid(z), dy, dz; scalars: D?, z?
+    # out = (y + D u) silu(z): dy = d_out z sigma(z), dz = d_out (y + D u) silu'(z)
+    b = builder
+    dout, yc, D, u, z, sg = v[:6]
+    hasD, hasz = s
+    one = _const(z.type, 1.0)
+    y = _flag(b, hasD, b.fadd(yc, b.fmul(D, u)), yc)
+    dsilu = b.fmul(sg, b.fadd(one, b.fmul(z, b.fsub(one, sg))))
+    return {6: _flag(b, hasz, b.fmul(dout, b.fmul(z, sg)), dout),
+            7: b.fmul(b.fmul(dout, y), dsilu)}, []
+
+
+def _input_grads_body(builder, v, s):
+    # arrays: sum g B, dtB, u, dy, D, du, d dtB; scalar: D?.
+    # du = (sum g B) dtB + dy D;  d dtB = (sum g B) u
+    b = builder
+    sgb, dtB, u, dy, D = v[:5]
+    (hasD,) = s
+    du = b.fmul(sgb, dtB)
+    return {5: _flag(b, hasD, b.fadd(du, b.fmul(dy, D)), du), 6: b.fmul(sgb, u)}, []
+
+
+#: ``_stage_backward_rows(delta, bias, src, u, z, d_out, dt_mean, <8 rows> (each: array,
+#: offset, row stride), sp, lo, hi, mean, arr)``: the backward's staging of R full rows.
+_stage_backward_rows = _rows_intrinsic("_stage_backward_rows", 15, 5, _stage_backward_rows_body,
+                                       row_scalars=(6,))
+#: ``_gate_backward(d_out, y_core, D, u, z, sigmoid_z, dy, dz, hasD, hasz, n)`` (one row) and
+#: ``_gate_backward_rows`` (R rows, ``(array, offset, row stride)`` operands).
+_gate_backward = _loop_intrinsic("_gate_backward", 8, 2, _gate_backward_body, 0)
+_gate_backward_rows = _rows_intrinsic("_gate_backward_rows", 8, 2, _gate_backward_body)
+#: ``_input_grads(sgb, dtB, u, dy, D, du, ddtB, hasD, n)`` and its R-row form.
+_input_grads = _loop_intrinsic("_input_grads", 7, 1, _input_grads_body, 0)
+_input_grads_rows = _rows_intrinsic("_input_grads_rows", 7, 1, _input_grads_body)
 
 
 # Run-time options of the kernels, one float array ``fl`` (the arrays' dtype):
@@ -868,7 +1014,7 @@ def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk
                 if one_group:
                     oB = ((bbB * LB + tB) * GB + c0 // cpgB) * N     # B4[bbB, tB, g]
                     oC = ((bbC * LC + tC) * GC + c0 // cpgC) * N
-                    _lane_step(H, 0, AT, 0, aS, 0, Bf, oB, Cf, oC, dtS, buS, yS, k * LANES, N)
+                    _lane_step(H, 0, 0, AT, 0, aS, 0, Bf, oB, Cf, oC, dtS, buS, yS, k * LANES, N)
                 else:
                     for cc in range(nb):
                         oB = ((bbB * LB + tB) * GB + (c0 + cc) // cpgB) * N
@@ -876,7 +1022,7 @@ def _forward_kernel(u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, h0, chunk
                         for n in range(N):
                             BL[n * LANES + cc] = Bf[oB + n]
                             CL[n * LANES + cc] = Cf[oC + n]
-                    _lane_step_gathered(H, 0, AT, 0, aS, 0, BL, 0, CL, 0, dtS, buS, yS,
+                    _lane_step_gathered(H, 0, 0, AT, 0, aS, 0, BL, 0, CL, 0, dtS, buS, yS,
                                         k * LANES, N)
             k0 = 0                                  # write the chunk's outputs (epilogue)
             while nb == LANES and k0 + R <= T:
@@ -1008,18 +1154,6 @@ def epilogue_backward(d_out, y_core, D, u, z):
 
 def _or(a, default):
     return default if a is None else np.ascontiguousarray(a)
-
-
-def _channel_block(batch, channels):
-    """Channels per ``prange`` item: up to 16, fewer when that leaves < 16 items.
-
-    Does not change any result (each channel is computed the same way in any
-    block), only the memory traffic and the load balance.
-    """
-    cblk = 16
-    while cblk > 1 and batch * (-(-channels // cblk)) < 16:
-        cblk //= 2
-    return cblk
 
 
 def _options(dtype, softplus, clip, mean, arr, has_D, has_z):
@@ -1212,18 +1346,22 @@ def _finish_acc(acc, plan: _AccPlan, shape4):
 # --------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
 def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, ckpt,
-                     chunk, cblk, bounds, baseB, strideB, accB, baseC, strideC, accC,
+                     chunk, bounds, baseB, strideB, accB, baseC, strideC, accC,
                      du, ddelta, ddtB_out, dz, dA_rows, dh0, dD_rows, db_rows, gmean_part):
     """The reverse-time scan with the epilogue's and prologue's backward; see :func:`fused_backward`.
 
     ``prange`` over partitions ``p``; partition ``p`` processes the items
-    (batch row, block of ``cblk`` channels) ``bounds[p] <= item < bounds[p+1]``
-    one after the other. Per item, chunks are walked in reverse; a chunk's
-    rows for the block are staged (prologue recomputed: ``dt``, ``dtB``,
-    ``dt'(x)``; ``sigmoid(z)``) into local ``[chunk, cblk]`` buffers, then for
-    each channel the chunk's ``A_bar``, states and ``y_core = C . h`` are
-    recomputed from its checkpoint and the adjoint runs backwards through
-    them, starting each step with the epilogue's backward (``dy``, ``dz``).
+    (batch row, block of :data:`LANES` channels, as in the forward: channels
+    in vector lanes) ``bounds[p] <= item < bounds[p+1]`` one after the other.
+    Per item, chunks are walked in reverse. A chunk's rows for the block are
+    staged (prologue recomputed: ``dt``, ``dtB``, ``dtB u``, ``dt'(x)``;
+    ``sigmoid(z)``) into local ``[chunk, LANES]`` buffers; the chunk's
+    ``A_bar`` and states are recomputed from its checkpoint with the
+    forward's ``_lane_step`` (kept, ``[chunk, N, LANES]``), then the gate's
+    backward gives ``dy`` and ``dz`` for the whole chunk, and the adjoint
+    (``_lane_adjoint``) runs backwards through the chunk's steps. Each step's
+    shares of ``dB[t]``/``dC[t]`` are summed over the lanes (or, for a block
+    spanning groups, added lane by lane) into the accumulation rows.
     """
     batch, L, ch = u.shape
     N = A.shape[1]
@@ -1232,31 +1370,36 @@ def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4
     bC, LC, GC = C4.shape[0], C4.shape[1], C4.shape[2]
     cpgB = ch // GB
     cpgC = ch // GC
-    nblk = (ch + cblk - 1) // cblk
+    nblk = (ch + LANES - 1) // LANES
     n_parts = bounds.shape[0] - 1
+    R = _WIDE_BYTES // (LANES * u.itemsize)              # rows per *_rows call
+    NL = N * LANES
     sp, lo, hi, mmean, marr = fl[_SP], fl[_LO], fl[_HI], fl[_MEAN], fl[_ARR]
-    hasD, hasz = fl[_HAS_D] > 0, fl[_HAS_Z] > 0
+    hasD, hasz = fl[_HAS_D], fl[_HAS_Z]
     for p in prange(n_parts):
-        dtype = u.dtype
-        hb = np.empty((chunk + 1, N), dtype=dtype)    # states: row k+1 = h[t0 + k]
-        ab = np.empty((chunk, N), dtype=dtype)        # A_bar of the chunk
-        ycS = np.empty(chunk, dtype=dtype)            # y_core of one channel
-        G = np.empty((cblk, N), dtype=dtype)          # adjoint states of the block
-        dAl = np.empty((cblk, N), dtype=dtype)
-        dBl = np.empty((cblk, N), dtype=dtype)        # constant B: local sums
-        dCl = np.empty((cblk, N), dtype=dtype)
-        dDl = np.empty(cblk, dtype=dtype)
-        dbl = np.empty(cblk, dtype=dtype)
-        S = np.empty((13, chunk * cblk), dtype=dtype)  # staged rows, [chunk, cblk] each
-        dtS, dtBS, uS, zS, szS, doS, dfS, duS, ddtS, ddtBS, dzS = (
-            S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7], S[8], S[9], S[10])
-        hbf = hb.reshape(-1)
-        abf = ab.reshape(-1)
-        Gf = G.reshape(-1)
-        dAlf = dAl.reshape(-1)
-        dBlf = dBl.reshape(-1)
-        dClf = dCl.reshape(-1)
-        Af = A.reshape(-1)
+        Hb = _aligned_zeros((chunk + 1) * NL, u)     # [chunk + 1, N, LANES]: h[t0 - 1 + k]
+        ab = _aligned_zeros(chunk * NL, u)           # [chunk, N, LANES]: A_bar
+        G = _aligned_zeros(NL, u)                    # [N, LANES] adjoint states
+        AT = _aligned_zeros(NL, u)
+        dAl = _aligned_zeros(NL, u)
+        PB = _aligned_zeros(NL, u)                   # one step's lane shares of dB[t], dC[t]
+        PC = _aligned_zeros(NL, u)
+        dBl = _aligned_zeros(NL, u)                  # constant B / C: sums over time
+        dCl = _aligned_zeros(NL, u)
+        BL = _aligned_zeros(NL, u)                   # a step's B / C per lane (mixed groups)
+        CL = _aligned_zeros(NL, u)
+        Dl = _aligned_zeros(LANES, u)
+        dDl = _aligned_zeros(LANES, u)
+        dbl = _aligned_zeros(LANES, u)
+        S = _aligned_zeros(17 * chunk * LANES, u)    # staged rows, [chunk, LANES] each
+        CL_ = chunk * LANES
+        dtS, dtBS, uS, zS, szS, doS, dfS, buS = (
+            S[0:CL_], S[CL_:2 * CL_], S[2 * CL_:3 * CL_], S[3 * CL_:4 * CL_],
+            S[4 * CL_:5 * CL_], S[5 * CL_:6 * CL_], S[6 * CL_:7 * CL_], S[7 * CL_:8 * CL_])
+        ycS, dyS, dzS, ddtS, sgbS, duS, ddtBS = (
+            S[8 * CL_:9 * CL_], S[9 * CL_:10 * CL_], S[10 * CL_:11 * CL_],
+            S[11 * CL_:12 * CL_], S[12 * CL_:13 * CL_], S[13 * CL_:14 * CL_],
+            S[14 * CL_:15 * CL_])
         Bf = B4.reshape(-1)
         Cf = C4.reshape(-1)
         accBf = accB.reshape(-1)
@@ -1269,16 +1412,28 @@ def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4
         duf = du.reshape(-1)
         ddf = ddelta.reshape(-1)
         ddtBf = ddtB_out.reshape(-1)
+        dzf = dz.reshape(-1)
+        dmf = dt_mean.reshape(-1)
         line = 64 // u.itemsize
         for item in range(bounds[p], bounds[p + 1]):
             b = item // nblk
             blk = item - b * nblk
-            c0 = blk * cblk
-            nb = min(cblk, ch - c0)
+            c0 = blk * LANES
+            nb = min(LANES, ch - c0)
             bbB = b if bB > 1 else 0
             bbC = b if bC > 1 else 0
+            one_group = ((c0 // cpgB == (c0 + nb - 1) // cpgB)
+                         and (c0 // cpgC == (c0 + nb - 1) // cpgC))
+            S[:] = 0                                 # spare lanes stay 0 (dt = 0, dy = 0)
+            G[:] = 0
+            AT[:] = 0
+            Dl[:] = 0
             for cc in range(nb):
-                G[cc, :] = g_last[b, c0 + cc]
+                c = c0 + cc
+                Dl[cc] = D[c]
+                for n in range(N):
+                    G[n * LANES + cc] = g_last[b, c, n]
+                    AT[n * LANES + cc] = A[c, n]
             dAl[:] = 0
             dBl[:] = 0
             dCl[:] = 0
@@ -1288,79 +1443,109 @@ def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4
                 t0 = j * chunk
                 T = min(chunk, L - t0)
                 Tp = chunk if j > 0 else 0              # rows of chunk j - 1
-                for k in range(T):                      # stage the chunk's inputs
+                k0 = 0                                  # stage the chunk's inputs
+                while nb == LANES and k0 + R <= T:
+                    o = (b * L + t0 + k0) * ch + c0
+                    r = k0 * LANES
+                    _stage_backward_rows(deltaf, o, ch, bias, c0, 0, srcf, o, ch, uf, o, ch,
+                                         zf, o, ch, dof, o, ch, dmf, b * L + t0 + k0, 1,
+                                         dtS, r, LANES, dtBS, r, LANES, uS, r, LANES,
+                                         zS, r, LANES, szS, r, LANES, doS, r, LANES,
+                                         dfS, r, LANES, buS, r, LANES, sp, lo, hi, mmean, marr)
+                    k0 += R
+                for k in range(k0, T):
                     o = (b * L + t0 + k) * ch + c0
-                    r = k * cblk
+                    r = k * LANES
                     _stage_backward(deltaf, o, bias, c0, srcf, o, uf, o, zf, o, dof, o,
                                     dtS, r, dtBS, r, uS, r, zS, r, szS, r, doS, r, dfS, r,
-                                    sp, lo, hi, mmean, marr, dt_mean[b, t0 + k], nb)
+                                    buS, r, sp, lo, hi, mmean, marr, dt_mean[b, t0 + k], nb)
+                # --- the chunk's A_bar, states and y_core, from its checkpoint
                 for cc in range(nb):
-                    c = c0 + cc
-                    gB = c // cpgB
-                    gC = c // cpgC
-                    rB0 = baseB[b * ch + c]
-                    sB = strideB[b * ch + c]
-                    rC0 = baseC[b * ch + c]
-                    sC = strideC[b * ch + c]
-                    Dc = D[c]
-                    if Tp > 0:                          # prefetch 1/nb of chunk j - 1
-                        r0 = (cc * Tp) // nb
-                        o = (b * L + t0 - chunk + r0) * ch + c0
-                        r = ((cc + 1) * Tp) // nb - r0
-                        _prefetch_rows(deltaf, o, ch, r, nb, line)
-                        _prefetch_rows(uf, o, ch, r, nb, line)
-                        _prefetch_rows(dof, o, ch, r, nb, line)
-                        if hasz:
-                            _prefetch_rows(zf, o, ch, r, nb, line)
+                    for n in range(N):
+                        Hb[n * LANES + cc] = ckpt[b, j, c0 + cc, n]
+                for k in range(T):
+                    t = t0 + k
+                    if k < Tp:                          # row k of chunk j - 1
+                        o = (b * L + t0 - chunk + k) * ch + c0
+                        _prefetch_rows(deltaf, o, ch, 1, nb, line)
+                        _prefetch_rows(uf, o, ch, 1, nb, line)
+                        _prefetch_rows(dof, o, ch, 1, nb, line)
+                        if hasz > 0:
+                            _prefetch_rows(zf, o, ch, 1, nb, line)
                         if marr > 0:
-                            _prefetch_rows(srcf, o, ch, r, nb, line)
-                    # --- recompute the chunk's A_bar, states and y_core from its checkpoint
-                    hb[0, :] = ckpt[b, j, c]
-                    for k in range(T):
-                        oB = ((bbB * LB + (t0 + k if LB > 1 else 0)) * GB + gB) * N
-                        oC = ((bbC * LC + (t0 + k if LC > 1 else 0)) * GC + gC) * N
-                        i = k * cblk + cc
-                        ycS[k] = _recompute_step(hbf, k * N, hbf, (k + 1) * N, abf, k * N,
-                                                 Af, c * N, Bf, oB, Cf, oC,
-                                                 dtS[i], dtBS[i] * uS[i], N)
-                    # --- adjoint recurrence, backwards through the chunk
-                    for k in range(T - 1, -1, -1):
-                        t = t0 + k
-                        i = k * cblk + cc
-                        dtBv = dtBS[i]
-                        uv = uS[i]
-                        if hasz:                                # out = y silu(z)
-                            zv = zS[i]
-                            s = szS[i]
-                            y = ycS[k] + Dc * uv if hasD else ycS[k]
-                            dzS[i] = doS[i] * y * (s * (1.0 + zv * (1.0 - s)))
-                            dyv = doS[i] * (zv * s)
-                        else:
-                            dyv = doS[i]
-                        oB = ((bbB * LB + (t if LB > 1 else 0)) * GB + gB) * N
-                        oC = ((bbC * LC + (t if LC > 1 else 0)) * GC + gC) * N
-                        if LB > 1:                              # dB row of time t
-                            rowB, oRB = accBf, (rB0 + t * sB) * N
-                        else:                                   # constant B: local sum
-                            rowB, oRB = dBlf, cc * N
-                        if LC > 1:
-                            rowC, oRC = accCf, (rC0 + t * sC) * N
-                        else:
-                            rowC, oRC = dClf, cc * N
-                        sdt, sgb = _adjoint_step(Gf, cc * N, hbf, k * N, abf, k * N,
-                                                 hbf, (k + 1) * N, Af, c * N, Bf, oB, Cf, oC,
-                                                 dAlf, cc * N, rowB, oRB, rowC, oRC,
-                                                 dyv, dtS[i], dtBv * uv, N)
-                        ddtS[i] = sdt                           # sum g h[t-1] A_bar A
-                        ddtBS[i] = sgb * uv                     # sum g B u
-                        if hasD:                                # y = C . h + D u
-                            duS[i] = sgb * dtBv + dyv * Dc
-                            dDl[cc] += dyv * uv
-                        else:
-                            duS[i] = sgb * dtBv                 # sum g dtB B
-                for k in range(T):                      # write the chunk's outputs
+                            _prefetch_rows(srcf, o, ch, 1, nb, line)
+                    tB = t if LB > 1 else 0
+                    tC = t if LC > 1 else 0
+                    if one_group:
+                        oB = ((bbB * LB + tB) * GB + c0 // cpgB) * N
+                        oC = ((bbC * LC + tC) * GC + c0 // cpgC) * N
+                        _lane_step(Hb, k * NL, (k + 1) * NL, AT, 0, ab, k * NL, Bf, oB, Cf, oC,
+                                   dtS, buS, ycS, k * LANES, N)
+                    else:
+                        _gather_groups(Bf, Cf, BL, CL, bbB, bbC, tB, tC, c0, nb, N, LB, GB,
+                                       LC, GC, cpgB, cpgC)
+                        _lane_step_gathered(Hb, k * NL, (k + 1) * NL, AT, 0, ab, k * NL,
+                                            BL, 0, CL, 0, dtS, buS, ycS, k * LANES, N)
+                # --- the gate's backward: dy and dz of the chunk
+                k0 = 0
+                while nb == LANES and k0 + R <= T:
+                    r = k0 * LANES
+                    o = (b * L + t0 + k0) * ch + c0
+                    if hasz > 0:
+                        dzt, odz, sdz = dzf, o, ch
+                    else:
+                        dzt, odz, sdz = dzS, r, LANES
+                    _gate_backward_rows(doS, r, LANES, ycS, r, LANES, Dl, 0, 0, uS, r, LANES,
+                                        zS, r, LANES, szS, r, LANES, dyS, r, LANES,
+                                        dzt, odz, sdz, hasD, hasz)
+                    k0 += R
+                for k in range(k0, T):
+                    r = k * LANES
                     o = (b * L + t0 + k) * ch + c0
-                    r = k * cblk
+                    if hasz > 0:
+                        dzt, odz = dzf, o
+                    else:
+                        dzt, odz = dzS, r
+                    _gate_backward(doS, r, ycS, r, Dl, 0, uS, r, zS, r, szS, r, dyS, r,
+                                   dzt, odz, hasD, hasz, nb)
+                # --- the adjoint recurrence, backwards through the chunk
+                for k in range(T - 1, -1, -1):
+                    t = t0 + k
+                    tB = t if LB > 1 else 0
+                    tC = t if LC > 1 else 0
+                    if one_group:
+                        oB = ((bbB * LB + tB) * GB + c0 // cpgB) * N
+                        oC = ((bbC * LC + tC) * GC + c0 // cpgC) * N
+                        _lane_adjoint(G, Hb, k * NL, (k + 1) * NL, ab, k * NL, AT, dAl,
+                                      Bf, oB, Cf, oC, PB, PC, dtS, buS, dyS, ddtS, sgbS,
+                                      k * LANES, N)
+                    else:
+                        _gather_groups(Bf, Cf, BL, CL, bbB, bbC, tB, tC, c0, nb, N, LB, GB,
+                                       LC, GC, cpgB, cpgC)
+                        _lane_adjoint_gathered(G, Hb, k * NL, (k + 1) * NL, ab, k * NL, AT,
+                                               dAl, BL, 0, CL, 0, PB, PC, dtS, buS, dyS, ddtS,
+                                               sgbS, k * LANES, N)
+                    _add_shares(PB, dBl, accBf, baseB, strideB, LB, one_group, b, c0, nb, t,
+                                ch, N)
+                    _add_shares(PC, dCl, accCf, baseC, strideC, LC, one_group, b, c0, nb, t,
+                                ch, N)
+                    for cc in range(LANES):             # y = C . h + D u
+                        dDl[cc] += dyS[k * LANES + cc] * uS[k * LANES + cc]
+                # --- du, d dtB; then d delta (or the core's three gradients) out
+                k0 = 0
+                while nb == LANES and k0 + R <= T:
+                    r = k0 * LANES
+                    _input_grads_rows(sgbS, r, LANES, dtBS, r, LANES, uS, r, LANES,
+                                      dyS, r, LANES, Dl, 0, 0, duS, r, LANES,
+                                      ddtBS, r, LANES, hasD)
+                    k0 += R
+                for k in range(k0, T):
+                    r = k * LANES
+                    _input_grads(sgbS, r, dtBS, r, uS, r, dyS, r, Dl, 0, duS, r, ddtBS, r,
+                                 hasD, nb)
+                for k in range(T):
+                    o = (b * L + t0 + k) * ch + c0
+                    r = k * LANES
                     if marr > 0:
                         _store_core(duS, r, ddtS, r, ddtBS, r, duf, o, ddf, o, ddtBf, o, nb)
                     else:
@@ -1368,23 +1553,53 @@ def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4
                                             duf, o, ddf, o, mmean, nb)
                         if mmean > 0:
                             gmean_part[b, blk, t0 + k] = g
-                    if hasz:
-                        for cc in range(nb):
-                            dz[b, t0 + k, c0 + cc] = dzS[r + cc]
             for cc in range(nb):
                 c = c0 + cc
-                dh0[b, c, :] = G[cc]
-                dA_rows[b, c, :] = dAl[cc]
                 dD_rows[b, c] = dDl[cc]
                 db_rows[b, c] = dbl[cc]
+                for n in range(N):
+                    dh0[b, c, n] = G[n * LANES + cc]
+                    dA_rows[b, c, n] = dAl[n * LANES + cc]
                 if LB == 1:
-                    row = accB[baseB[b * ch + c]]
+                    o = baseB[b * ch + c] * N
                     for n in range(N):
-                        row[n] += dBl[cc, n]
+                        accBf[o + n] += dBl[n * LANES + cc]
                 if LC == 1:
-                    row = accC[baseC[b * ch + c]]
+                    o = baseC[b * ch + c] * N
                     for n in range(N):
-                        row[n] += dCl[cc, n]
+                        accCf[o + n] += dCl[n * LANES + cc]
+
+
+@njit(inline="always")
+def _gather_groups(Bf, Cf, BL, CL, bbB, bbC, tB, tC, c0, nb, N, LB, GB, LC, GC, cpgB, cpgC):
+    """``BL[n, l]``, ``CL[n, l]``: the time-``t`` rows of ``B``/``C`` of each lane's own group."""
+    for cc in range(nb):
+        oB = ((bbB * LB + tB) * GB + (c0 + cc) // cpgB) * N
+        oC = ((bbC * LC + tC) * GC + (c0 + cc) // cpgC) * N
+        for n in range(N):
+            BL[n * LANES + cc] = Bf[oB + n]
+            CL[n * LANES + cc] = Cf[oC + n]
+
+
+@njit(inline="always")
+def _add_shares(P, dMl, accf, base, stride, LM, one_group, b, c0, nb, t, ch, N):
+    """Add one step's lane shares ``P [N, LANES]`` of ``dB[t]`` (or ``dC[t]``).
+
+    Varying over time: into the accumulation row of time ``t``, summed over
+    the lanes when they share a group and row, else lane by lane into each
+    one's row. Constant: into the lane-wise sums over time ``dMl``.
+    """
+    if LM > 1:
+        if one_group:
+            _lane_sums_add(P, accf, (base[b * ch + c0] + t * stride[b * ch + c0]) * N, N)
+        else:
+            for cc in range(nb):
+                o = (base[b * ch + c0 + cc] + t * stride[b * ch + c0 + cc]) * N
+                for n in range(N):
+                    accf[o + n] += P[n * LANES + cc]
+    else:
+        for i in range(N * LANES):
+            dMl[i] += P[i]
 
 
 @njit(parallel=True, cache=True)
@@ -1421,13 +1636,12 @@ def _backward(d_out, dh_last, saved: NumbaSaved):
         g_last = np.zeros((batch, channels, N), dtype=dtype)
     else:
         g_last = np.ascontiguousarray(dh_last, dtype=dtype)
-    cblk = _channel_block(batch, channels)
-    nblk = -(-channels // cblk)
+    nblk = -(-channels // LANES)
     items = batch * nblk
     bounds = _partition_bounds(items, min(N_PARTS, items))
     # partition of every (batch, channel) unit, for the dB / dC plans
     unit_item = (np.arange(batch)[:, None] * nblk
-                 + np.arange(channels)[None, :] // cblk).reshape(-1)
+                 + np.arange(channels)[None, :] // LANES).reshape(-1)
     part_of_unit = np.searchsorted(bounds, unit_item, side="right") - 1
     planB = _acc_plan(B4.shape, batch, channels, part_of_unit)
     planC = _acc_plan(C4.shape, batch, channels, part_of_unit)
@@ -1443,12 +1657,12 @@ def _backward(d_out, dh_last, saved: NumbaSaved):
     dD_rows = np.empty((batch, channels), dtype=dtype)
     db_rows = np.empty((batch, channels), dtype=dtype)
     _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4, C4, ckpt,
-                     chunk, cblk, bounds, planB.base, planB.stride, accB,
+                     chunk, bounds, planB.base, planB.stride, accB,
                      planC.base, planC.stride, accC,
                      du, ddelta, ddtB, dz, dA_rows, dh0, dD_rows, db_rows, gmean_part)
     if fl[_MEAN] > 0:
         gmean = gmean_part.sum(axis=1) / channels                # mean_c d dtB, [batch, L]
-        _mean_backward_kernel(delta, bias, fl, gmean, cblk, ddelta, db_rows)
+        _mean_backward_kernel(delta, bias, fl, gmean, LANES, ddelta, db_rows)
     rows_sum = (lambda r: r[0] if batch == 1 else r.sum(axis=0))  # noqa: E731
     return dict(u=du, delta=ddelta, dtB=ddtB, z=dz, A=rows_sum(dA_rows),
                 B4=_finish_acc(accB, planB, B4.shape), C4=_finish_acc(accC, planC, C4.shape),
