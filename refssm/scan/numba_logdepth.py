@@ -105,7 +105,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import numba_seq as _ns
-from ._fastexp import build_fexp, check_fingerprint, deps_fingerprint
+from ._fastexp import _const, build_fexp, check_fingerprint, deps_fingerprint
 from .numba_seq import _loop_intrinsic
 
 #: :func:`refssm.scan._fastexp.deps_fingerprint` of the code inlined into the cached
@@ -268,6 +268,103 @@ def _fexp_inplace(typingctx, x, n):
         return context.get_dummy_value()
 
     return types.void(x, n), codegen
+
+
+@intrinsic
+def _local_gradients(typingctx, G, oG, H, ohp, oh, ab, oa, A, oA, B, oB, dA, odA, dB, odB,
+                     dC, odC, dtv, dtBv, uv, dyv, N):
+    """The local formulas of the backward at one step ``t``, over the state in vector IR.
+
+    ``G``, ``H``, ``ab``, ``A``, ``B`` in the inputs' dtype; ``dA``, ``dB``,
+    ``dC`` float64 accumulators (rows from their offsets). With ``g = G[oG + n]``,
+    ``hp = H[ohp + n]`` (``h[t-1]``), ``h = H[oh + n]``, ``a = ab[oa + n]``::
+
+        d_dtA = (g hp) a;   dA += d_dtA dt;   dB += (g dtB) u;   dC += dy h
+        returns  (sum d_dtA A,  sum (g B) u,  sum (g dtB) B)    (float64)
+
+    Products in the inputs' dtype, accumulation and sums in float64 (as the
+    scalar formulas of :func:`refssm.scan.numpy_seq.scan_core_backward` ran in
+    this kernel before), summed in ``numba_seq``'s fixed order: 8 lanes,
+    halved, then the tail.
+    """
+    ins = (G, H, ab, A, B)
+    accs = (dA, dB, dC)
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == G.dtype
+                and isinstance(a.dtype, types.Float) for a in ins)
+            and all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float64
+                    for a in accs)
+            and all(sc == G.dtype for sc in (dtv, dtBv, uv, dyv))):
+        raise TypeError("_local_gradients: expected 1-D float arrays of one dtype, float64 "
+                        "accumulators and scalars of the arrays' dtype")
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        ta = sig.args
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        (Gv, oG, Hv, ohp, oh, av, oa, Av, oA, Bv, oB, dAv, odA, dBv, odB, dCv, odC,
+         dt, dtB, u, dy, n) = args
+        oG, ohp, oh, oa, oA, oB, odA, odB, odC, n = (
+            _i64(b, v) for v in (oG, ohp, oh, oa, oA, oB, odA, odB, odC, n))
+        dty = ir.DoubleType()
+        W = 8
+        wide = not isinstance(context.get_value_type(ta[0].dtype), ir.DoubleType)
+
+        def ext(v):                      # to float64 (a no-op for float64 inputs)
+            if not wide:
+                return v
+            return b.fpext(v, ir.VectorType(dty, W) if isinstance(v.type, ir.VectorType) else dty)
+
+        def run(i, vec):
+            def ld(k, arr, off):         # (pointer, value): element or W elements at off + i
+                p = b.gep(context.make_array(ta[k])(context, b, arr).data, [b.add(off, i)])
+                if vec:
+                    p = b.bitcast(p, ir.VectorType(p.type.pointee, W).as_pointer())
+                return p, b.load(p, align=ta[k].dtype.bitwidth // 8)
+
+            sp = (lambda x: _ns._splat(b, x, W)) if vec else (lambda x: x)   # noqa: E731
+            g = ld(0, Gv, oG)[1]
+            hp = ld(2, Hv, ohp)[1]
+            h = ld(2, Hv, oh)[1]
+            a = ld(5, av, oa)[1]
+            Ac = ld(7, Av, oA)[1]
+            Bt = ld(9, Bv, oB)[1]
+            d_dtA = b.fmul(b.fmul(g, hp), a)
+            for k, arr, off, term in ((11, dAv, odA, b.fmul(d_dtA, sp(dt))),
+                                      (13, dBv, odB, b.fmul(b.fmul(g, sp(dtB)), sp(u))),
+                                      (15, dCv, odC, b.fmul(sp(dy), h))):
+                p, cur = ld(k, arr, off)
+                b.store(b.fadd(cur, ext(term)), p, align=8)
+            return [ext(b.fmul(d_dtA, Ac)), ext(b.fmul(b.fmul(g, Bt), sp(u))),
+                    ext(b.fmul(b.fmul(g, sp(dtB)), Bt))]
+
+        vty = ir.VectorType(dty, W)
+        accs = [cgutils.alloca_once_value(b, _const(vty, -0.0)) for _ in range(3)]
+        nb = b.udiv(n, ir.Constant(i64, W))
+        with cgutils.for_range(b, nb) as loop:
+            for acc, term in zip(accs, run(b.mul(loop.index, ir.Constant(i64, W)), True)):
+                b.store(b.fadd(b.load(acc), term), acc)
+        tots = []
+        for acc in accs:
+            r = b.load(acc)
+            width = W
+            while width > 1:
+                half = width // 2
+                lo = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half),
+                                                        list(range(half))))
+                hi = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half),
+                                                        list(range(half, width))))
+                r = b.fadd(lo, hi)
+                width = half
+            tots.append(cgutils.alloca_once_value(b, b.extract_element(r, ir.Constant(i32, 0))))
+        with cgutils.for_range_slice(b, b.mul(nb, ir.Constant(i64, W)), n,
+                                     ir.Constant(i64, 1)) as (i, _):
+            for tot, term in zip(tots, run(i, False)):
+                b.store(b.fadd(b.load(tot), term), tot)
+        return context.make_tuple(b, sig.return_type, [b.load(t) for t in tots])
+
+    sig = types.UniTuple(types.float64, 3)(G, oG, H, ohp, oh, ab, oa, A, oA, B, oB, dA, odA,
+                                          dB, odB, dC, odC, dtv, dtBv, uv, dyv, N)
+    return sig, codegen
 
 
 class LogDepthSaved(NamedTuple):
@@ -544,6 +641,10 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
         dA = dA_p[p]
         dB = dB_p[p]
         dC = dC_p[p]
+        Gf, Hf, abf = G.reshape(-1), H.reshape(-1), abar.reshape(-1)
+        dAf, dBf, dCf = dA.reshape(-1), dB.reshape(-1), dC.reshape(-1)
+        Af, Bf = A.reshape(-1), B4.reshape(-1)
+        LB, GB, LC, GC = B4.shape[1], B4.shape[2], C4.shape[1], C4.shape[2]
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
             c0 = (w - b * nblk) * _CBLK
@@ -586,23 +687,16 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 for t in range(L):
                     tB = t if varB else 0
                     tC = t if varC else 0
-                    dtv = dtc[t]
-                    dtBv = dtBc[t]
-                    uv = uc[t]
-                    dyv = dyc[t]
-                    s_dt = 0.0
-                    s_dtB = 0.0
-                    s_u = 0.0
-                    for n in range(N):
-                        g = G[L - t, n]
-                        Bv = B4[bB, tB, grpB, n]
-                        d_dtA = g * H[t, n] * abar[t, n]            # dL/d(dt A)
-                        s_dt += d_dtA * A[c, n]
-                        dA[c, n] += d_dtA * dtv
-                        s_dtB += g * Bv * uv
-                        s_u += g * dtBv * Bv
-                        dB[bB, tB, grpB, n] += g * dtBv * uv
-                        dC[bC, tC, grpC, n] += dyv * H[t + 1, n]
+                    # with g = G[L - t], Bv = B4[bB, tB, grpB], elementwise over n:
+                    #   d_dtA = g H[t] abar[t]                      (dL/d(dt A))
+                    #   s_dt += d_dtA A[c];   dA[c] += d_dtA dt
+                    #   s_dtB += g Bv u;   s_u += g dtB Bv;   dB[bB, tB, grpB] += g dtB u
+                    #   dC[bC, tC, grpC] += dy H[t + 1]
+                    oB = ((bB * LB + tB) * GB + grpB) * N
+                    oC = ((bC * LC + tC) * GC + grpC) * N
+                    s_dt, s_dtB, s_u = _local_gradients(
+                        Gf, (L - t) * N, Hf, t * N, (t + 1) * N, abf, t * N, Af, c * N, Bf, oB,
+                        dAf, c * N, dBf, oB, dCf, oC, dtc[t], dtBc[t], uc[t], dyc[t], N)
                     dtc[t] = s_dt                       # d dt, d dtB, d u (in place)
                     dtBc[t] = s_dtB
                     uc[t] = s_u
