@@ -160,8 +160,10 @@ def test_saved_is_inputs_only():
 # --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bc", ["variable", "grouped", "constant"])
-@pytest.mark.parametrize("edifice", [False, True])
+@pytest.mark.parametrize("edifice", [False, True, "clip"])
 def test_public_api_matches_numpy(bc, edifice):
+    """Mamba's prologue (on the kernel's columns), Edifice's (a pass: the channel mean), and
+    a clip without softplus, bias, D or gate."""
     rng = np.random.default_rng(11)
     batch, seq_len, channels, state = 2, 37, 6, 16
     bshape = {"variable": (batch, seq_len, state), "grouped": (batch, seq_len, 3, state),
@@ -174,7 +176,10 @@ def test_public_api_matches_numpy(bc, edifice):
         D=rng.standard_normal(channels), z=rng.standard_normal((batch, seq_len, channels)),
         delta_bias=0.3 * rng.standard_normal(channels), delta_softplus=True,
         initial_state=rng.standard_normal((batch, channels, state)))
-    if edifice:
+    if edifice == "clip":
+        kw.update(delta=rng.uniform(-0.5, 1.5, kw["delta"].shape), delta_clip=(0.2, 1.0),
+                  delta_softplus=False, delta_bias=None, D=None, z=None)
+    elif edifice:
         kw.update(delta_clip=(1e-3, 0.1), delta_b_mean=True)
     out, last, saved = selective_scan_forward(**kw, engine="logdepth")
     outr, lastr, savedr = selective_scan_forward(**kw, engine="numpy")

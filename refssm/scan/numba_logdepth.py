@@ -111,12 +111,13 @@ from .numba_seq import _loop_intrinsic
 #: :func:`refssm.scan._fastexp.deps_fingerprint` of the code inlined into the cached
 #: kernels below from other files: ``fexp`` and ``numba_seq``'s vector loops (Numba keys
 #: their cache on this file only; see ``_fastexp``'s caveat).
-_DEPS_FINGERPRINT = "f5677f284a399f421b3f2170549457a1f62f450402c184cce28ade6d9da67334"
+_DEPS_FINGERPRINT = "832aa495d9d97ebaee7619decc4e2cd5c2f8d3dd0b0a1c60b97e15a88712d04d"
 check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint(
-    _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args))
+    _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args, _ns._step_size,
+    _ns._flag))
 
-__all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "linear_scan",
-           "padded_length"]
+__all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "prologue_forward",
+           "linear_scan", "padded_length"]
 
 
 # --------------------------------------------------------------------------
@@ -196,6 +197,218 @@ def _level_intrinsic(name, body, rows):
 _upsweep_level = _level_intrinsic("_upsweep_level", _combine_body, ("aj", "ai", "bj", "bi"))
 #: ``_downsweep_level(xa, xb, d, Lp, N)``: the down-sweep's step (``b`` half) for the level.
 _downsweep_level = _level_intrinsic("_downsweep_level", _distribute_body, ("aj", "bj", "bi"))
+
+
+def _up8_body(builder, v, s):
+    # arrays: xa rows r0 .. r0+7, then xb rows r0 .. r0+7: the up-sweep's levels d = 1, 2, 4
+    # inside the block (pairs as in _upsweep), with the values in registers
+    b = builder
+    a, x = list(v[:8]), list(v[8:])
+    for d in (1, 2, 4):
+        for i in range(2 * d - 1, 8, 2 * d):
+            j = i - d
+            a[i], x[i] = b.fmul(a[j], a[i]), b.fadd(b.fmul(a[i], x[j]), x[i])
+    return {**{r: a[r] for r in (1, 3, 5, 7)}, **{8 + r: x[r] for r in (1, 3, 5, 7)}}, []
+
+
+def _down8_body(builder, v, s):
+    # arrays: xa rows r0 .. r0+7, then xb rows r0 .. r0+7: the down-sweep's levels d = 4, 2, 1
+    b = builder
+    a, x = list(v[:8]), list(v[8:])
+    for d in (4, 2, 1):
+        for i in range(2 * d - 1, 8, 2 * d):
+            j = i - d
+            x[j], x[i] = x[i], b.fadd(b.fmul(a[j], x[i]), x[j])
+    return {8 + r: x[r] for r in range(8)}, []
+
+
+def _block8_intrinsic(name, body):
+    """``f(xa, xb, Lp, N)``: ``body`` on every block of 8 rows ``8k .. 8k+7`` (``Lp % 8 == 0``).
+
+    The three lowest tree levels touch only rows within such blocks: done
+    there, each block's rows are loaded and stored once for the three.
+    """
+    def typer(typingctx, xa, xb, Lp, N):
+        def codegen(context, builder, sig, args):
+            b = builder
+            Lp_, N_ = _i64(b, args[2]), _i64(b, args[3])
+            nblk = b.udiv(Lp_, ir.Constant(ir.IntType(64), 8))
+            with cgutils.for_range(b, nblk) as loop:
+                r0 = b.mul(loop.index, ir.Constant(ir.IntType(64), 8))
+                offs = [b.mul(b.add(r0, ir.Constant(ir.IntType(64), r)), N_) for r in range(8)]
+                _ns._vector_loop_codegen(context, b, [args[0]] * 8 + [args[1]] * 8,
+                                         [sig.args[0]] * 8 + [sig.args[1]] * 8, offs + offs,
+                                         [], N_, body, 0)
+            return context.get_dummy_value()
+
+        return types.void(xa, xb, Lp, N), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+def _fill_first3_intrinsic(name, keep_abar):
+    """Discretisation, ``fexp``, ``h0`` folding and the up-sweep's levels 1, 2, 4 in one pass.
+
+    ``f(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N)`` (flat 1-D
+    arrays): block by block of 8 rows ``t``, each loaded once: ``xa[t] =
+    fexp(dt[t] A)``, ``xb[t] = (dtB[t] u[t]) B[oB0 + t sB]``, ``xb[0] += xa[0] h0``,
+    then the three lowest tree levels (as :func:`_up8_body`). Rows ``t >= L`` up
+    to ``Lp`` get the identity ``(1, 0)`` (``dt = 0``, ``dtB u = 0``; their ``B``
+    row is clamped to ``L - 1``). With ``keep_abar`` the ``A_bar`` rows are also
+    stored into ``ab`` (the backward needs them). The 8 rows' ``fexp`` are 8
+    independent chains for the core to interleave.
+    """
+    def typer(typingctx, A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N):
+        arrays = (A, B, dtc, dtBc, uc, h0, xa, xb, ab)
+        for a in arrays:
+            if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == A.dtype
+                    and isinstance(a.dtype, types.Float)):
+                raise TypeError(f"{name}: expected 1-D float arrays of one dtype")
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            ta = sig.args
+            i64 = ir.IntType(64)
+            (A_, oA_, B_, oB0_, sB_, dtc_, dtBc_, uc_, h0_, oh0_, xa_, xb_, ab_,
+             L_, Lp_, N_) = args
+            oA_, oB0_, sB_, oh0_, L_, Lp_, N_ = (_i64(b, v) for v in
+                                                 (oA_, oB0_, sB_, oh0_, L_, Lp_, N_))
+            fty = context.get_value_type(ta[0].dtype)
+            zero = ir.Constant(fty, 0.0)
+            Lm1 = b.sub(L_, ir.Constant(i64, 1))
+            c = lambda v: ir.Constant(i64, v)              # noqa: E731
+
+            def load(k, arr, i):
+                return b.load(b.gep(context.make_array(ta[k])(context, b, arr).data, [i]))
+
+            nblk = b.udiv(Lp_, c(8))
+            with cgutils.for_range(b, nblk) as loop:
+                r0 = b.mul(loop.index, c(8))
+                first = b.icmp_unsigned("==", loop.index, c(0))
+                dts, bus, boffs, roffs = [], [], [], []
+                for r in range(8):
+                    t = b.add(r0, c(r))
+                    valid = b.icmp_signed("<", t, L_)
+                    tt = b.select(valid, t, Lm1)
+                    dts.append(b.select(valid, load(5, dtc_, tt), zero))
+                    bus.append(b.select(valid, b.fmul(load(6, dtBc_, tt), load(7, uc_, tt)),
+                                        zero))
+                    boffs.append(b.add(oB0_, b.mul(tt, sB_)))
+                    roffs.append(b.mul(t, N_))
+
+                def body(bb, v, sc):
+                    Av, Bs, h0v = v[0], v[1:9], v[-1]
+                    a = [build_fexp(bb, bb.fmul(sc[r], Av)) for r in range(8)]
+                    x = [bb.fmul(sc[8 + r], Bs[r]) for r in range(8)]
+                    x[0] = bb.select(first, bb.fadd(x[0], bb.fmul(a[0], h0v)), x[0])
+                    stores = {}
+                    if keep_abar:
+                        stores.update({25 + r: a[r] for r in range(8)})
+                    for d in (1, 2, 4):                    # as _up8_body
+                        for i in range(2 * d - 1, 8, 2 * d):
+                            j = i - d
+                            a[i], x[i] = bb.fmul(a[j], a[i]), bb.fadd(bb.fmul(a[i], x[j]), x[i])
+                    stores.update({9 + r: a[r] for r in range(8)})
+                    stores.update({17 + r: x[r] for r in range(8)})
+                    return stores, []
+
+                arrs = [A_] + [B_] * 8 + [xa_] * 8 + [xb_] * 8 + ([ab_] * 8 if keep_abar else [])
+                tys = [ta[0]] + [ta[2]] * 8 + [ta[10]] * 8 + [ta[11]] * 8 + (
+                    [ta[12]] * 8 if keep_abar else [])
+                offs = [oA_] + boffs + roffs + roffs + (roffs if keep_abar else [])
+                _ns._vector_loop_codegen(context, b, arrs + [h0_], tys + [ta[8]], offs + [oh0_],
+                                         dts + bus, N_, body, 0)
+            return context.get_dummy_value()
+
+        return types.void(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+#: ``_fill_first3(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N)``
+#: (``ab`` unused) and ``_fill_first3_keep``, which stores ``A_bar`` into ``ab``.
+_fill_first3 = _fill_first3_intrinsic("_fill_first3", False)
+_fill_first3_keep = _fill_first3_intrinsic("_fill_first3_keep", True)
+
+
+@intrinsic
+def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, N):
+    """The adjoint's elements, in reversed time, and the up-sweep's levels 1, 2, 4: one pass.
+
+    Row ``s = L - 1 - t`` of ``(xa, G)`` is ``(A_bar[t + 1], C[t] dy[t])``
+    (``ab``'s rows; ``C`` rows from ``oC0 + t sC``), row 0 is ``(1, C[L-1]
+    dy[L-1] + dh)`` and rows ``L .. Lp - 1`` the identity ``(1, 0)``; then, block
+    by block of 8 rows, the three lowest tree levels (as :func:`_up8_body`).
+    """
+    for a in (ab, C, dyc, dh, xa, G):
+        if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == ab.dtype
+                and isinstance(a.dtype, types.Float)):
+            raise TypeError("_adjoint_first3: expected 1-D float arrays of one dtype")
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        ta = sig.args
+        i64 = ir.IntType(64)
+        ab_, C_, oC0_, sC_, dyc_, dh_, odh_, xa_, G_, L_, Lp_, N_ = args
+        oC0_, sC_, odh_, L_, Lp_, N_ = (_i64(b, v) for v in (oC0_, sC_, odh_, L_, Lp_, N_))
+        fty = context.get_value_type(ta[0].dtype)
+        c = lambda v: ir.Constant(i64, v)                  # noqa: E731
+        Lm1 = b.sub(L_, c(1))
+        nblk = b.udiv(Lp_, c(8))
+        with cgutils.for_range(b, nblk) as loop:
+            r0 = b.mul(loop.index, c(8))
+            first = b.icmp_unsigned("==", loop.index, c(0))
+            dys, aoffs, coffs, roffs, ident = [], [], [], [], []
+            for r in range(8):
+                srow = b.add(r0, c(r))
+                valid = b.icmp_signed("<", srow, L_)
+                t = b.select(valid, b.sub(Lm1, srow), c(0))
+                p = b.gep(context.make_array(ta[4])(context, b, dyc_).data, [t])
+                dys.append(b.select(valid, b.load(p), ir.Constant(fty, 0.0)))
+                aoffs.append(b.mul(b.add(t, c(1)), N_))
+                coffs.append(b.add(oC0_, b.mul(t, sC_)))
+                roffs.append(b.mul(srow, N_))
+                ident.append(b.or_(b.not_(valid), b.icmp_unsigned("==", srow, c(0))))
+
+            def body(bb, v, sc):
+                As, Cs, dhv = v[0:8], v[8:16], v[-1]
+                one = _const(As[0].type, 1.0)
+                a = [bb.select(ident[r], one, As[r]) for r in range(8)]
+                x = [bb.fmul(Cs[r], sc[r]) for r in range(8)]
+                x[0] = bb.select(first, bb.fadd(x[0], dhv), x[0])
+                for d in (1, 2, 4):                        # as _up8_body
+                    for i in range(2 * d - 1, 8, 2 * d):
+                        j = i - d
+                        a[i], x[i] = bb.fmul(a[j], a[i]), bb.fadd(bb.fmul(a[i], x[j]), x[i])
+                stores = {16 + r: a[r] for r in range(8)}
+                stores.update({24 + r: x[r] for r in range(8)})
+                return stores, []
+
+            _ns._vector_loop_codegen(
+                context, b, [ab_] * 8 + [C_] * 8 + [xa_] * 8 + [G_] * 8 + [dh_],
+                [ta[0]] * 8 + [ta[1]] * 8 + [ta[7]] * 8 + [ta[8]] * 8 + [ta[5]],
+                aoffs + coffs + roffs + roffs + [odh_], dys, N_, body, 0)
+        return context.get_dummy_value()
+
+    return types.void(ab, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, N), codegen
+
+
+#: ``_upsweep_first3(xa, xb, Lp, N)``: the up-sweep's levels 1, 2, 4.
+_upsweep_first3 = _block8_intrinsic("_upsweep_first3", _up8_body)
+#: ``_downsweep_last3(xa, xb, Lp, N)``: the down-sweep's levels 4, 2, 1.
+_downsweep_last3 = _block8_intrinsic("_downsweep_last3", _down8_body)
+
+
+def _column_prologue_body(builder, v, s):
+    # arrays: a column of delta (in place); scalars: its channel's bias, softplus?, lo, hi
+    bias, sp, lo, hi = s
+    return {0: _ns._step_size(builder, builder.fadd(v[0], bias), sp, lo, hi)[1]}, []
+
+
+#: ``_column_prologue(col, o, bias_c, sp, lo, hi, n)``: ``col = clip(softplus(col + bias_c))``.
+_column_prologue = _loop_intrinsic("_column_prologue", 1, 4, _column_prologue_body, 0, unroll=4)
 
 
 @intrinsic
@@ -410,15 +623,18 @@ def _combine(a1, b1, a2, b2):
 
 
 @njit(cache=True)
-def _upsweep(xa, xb, Lp):
+def _upsweep(xa, xb, Lp, d=1):
     """Blelloch reduce, in place on rows ``0 .. Lp-1`` of ``xa, xb`` ``[Lp+1, N]``.
 
     After it, row ``k 2d - 1`` holds the total of its subtree of ``2d`` rows;
     row ``Lp - 1`` holds the total of everything (see the module docstring).
+    ``d = 8``: levels 1, 2 and 4 are done already (:func:`_fill_first3`).
     """
     N = xa.shape[1]
     af, bf = xa.reshape(-1), xb.reshape(-1)
-    d = 1
+    if d == 1 and Lp >= 8:           # levels 1, 2, 4 block by block
+        _upsweep_first3(af, bf, Lp, N)
+        d = 8
     while d < Lp:
         # for i in range(2 d - 1, Lp, 2 d): xa[i], xb[i] = _combine(xa[i-d], xb[i-d], xa[i], xb[i])
         _upsweep_level(af, bf, d, Lp, N)
@@ -441,13 +657,16 @@ def _downsweep(xa, xb, Lp):
         xb[Lp - 1, n] = 0.0          # the root's prefix: identity (its a is never read)
     af, bf = xa.reshape(-1), xb.reshape(-1)
     d = Lp // 2
-    while d >= 1:
+    last = 8 if Lp >= 8 else 1       # levels 4, 2, 1 then block by block
+    while d >= last:
         # for i in range(2 d - 1, Lp, 2 d), j = i - d (the end of the left subtree; i is the
         # parent's row): the left child takes the parent's prefix, xb[j] = xb[i]; the right
         # child prefix o left total, xb[i] = xa[j] xb[i] + (old) xb[j] (the a half is dead,
         # see the module doc)
         _downsweep_level(af, bf, d, Lp, N)
         d //= 2
+    if Lp >= 8:
+        _downsweep_last3(af, bf, Lp, N)
 
 
 @njit(cache=True)
@@ -531,6 +750,38 @@ def _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
         xb[0, n] += xa[0, n] * h0[b, c, n]
 
 
+@njit(cache=True)
+def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
+    """Discretise work item ``(b, c)``, fold ``h0`` and scan: ``xb[t + 1] = h[t]``.
+
+    With ``keep``, ``ab[t] = A_bar[t]`` too. For ``L_pad >= 8`` the discretisation
+    and the first three tree levels are one pass (:func:`_fill_first3`);
+    otherwise :func:`_fill_forward` then :func:`_scan`.
+    """
+    L = uc.shape[0]
+    N = A.shape[1]
+    Lp = xa.shape[0] - 1
+    if Lp < 8:
+        _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
+        if keep:
+            for t in range(L):
+                for n in range(N):
+                    ab[t, n] = xa[t, n]
+        _scan(xa, xb, L)
+        return
+    bB = b if B4.shape[0] > 1 else 0
+    LB, GB = B4.shape[1], B4.shape[2]
+    args = (A.reshape(-1), c * N, B4.reshape(-1), (bB * LB * GB + c // gsB) * N,
+            GB * N if LB > 1 else 0, dtc, dtBc, uc, h0.reshape(-1), (b * A.shape[0] + c) * N,
+            xa.reshape(-1), xb.reshape(-1), ab.reshape(-1), L, Lp, N)
+    if keep:
+        _fill_first3_keep(*args)
+    else:
+        _fill_first3(*args)
+    _upsweep(xa, xb, Lp, 8)
+    _downsweep(xa, xb, Lp)
+
+
 #: Channels staged together (one 64-byte line of float64 values per time step).
 _CBLK = 8
 
@@ -563,7 +814,7 @@ def _partitions(work):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
+def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl):
     """Fill ``y`` ``[batch, L, channels]`` and ``h_last`` ``[batch, channels, N]``.
 
     Work items are blocks ``w = b * nblk + k`` of :data:`_CBLK` channels;
@@ -572,6 +823,11 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
     channel: discretise (:func:`_fill_forward`), scan (:func:`_scan`), read
     out ``y[t] = C[t] . h[t]`` with ``h[t] = xb[t+1]``; then the block's
     ``y`` goes back (:func:`_scatter_columns`).
+
+    ``fl = [raw?, softplus?, lo, hi]``: when ``raw``, ``dt`` holds the raw
+    ``delta`` and each staged column becomes ``clip(softplus(delta +
+    bias[c]))`` (``dtB`` is unused: it is ``dt``), the prologue of
+    :func:`refssm.scan.numba_seq.prologue` with the same operations.
     """
     batch, L, channels = u.shape
     N = A.shape[1]
@@ -595,12 +851,17 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P):
             bC = b if C4.shape[0] > 1 else 0
             _gather_columns(u, b, c0, nb, cols[0])
             _gather_columns(dt, b, c0, nb, cols[1])
-            _gather_columns(dtB, b, c0, nb, cols[2])
+            if fl[0] > 0:                                    # the prologue, column by column
+                for l in range(nb):
+                    _column_prologue(cols[1, l], 0, bias[c0 + l], fl[1], fl[2], fl[3], L)
+            else:
+                _gather_columns(dtB, b, c0, nb, cols[2])
+            dtB_row = 1 if fl[0] > 0 else 2
             for l in range(nb):
                 c = c0 + l
                 grpC = c // gsC
-                _fill_forward(xa, xb, cols[0, l], cols[1, l], cols[2, l], A, B4, h0, b, c, gsB)
-                _scan(xa, xb, L)
+                _fill_and_scan(xa, xb, xa, False, cols[0, l], cols[1, l], cols[dtB_row, l], A,
+                               B4, h0, b, c, gsB)
                 yc = cols[3, l]
                 for t in range(L):                               # y[t] = C[t] . h[t]
                     oC = ((bC * LC + (t if varC else 0)) * GC + grpC) * N
@@ -661,28 +922,31 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 grpB = c // gsB
                 grpC = c // gsC
                 # 1. recompute the forward states with the log-depth scan
-                _fill_forward(xa, H, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
-                for t in range(L):
-                    for n in range(N):
-                        abar[t, n] = xa[t, n]
-                _scan(xa, H, L)
+                _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
                 for n in range(N):
                     H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
                 # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
                 #    with dh_last folded into element 0 (whose a is never used: set to 1)
-                tC = L - 1 if varC else 0
-                dyv = dyc[L - 1]
-                for n in range(N):
-                    xa[0, n] = 1.0
-                    G[0, n] = C4[bC, tC, grpC, n] * dyv + dh_last[b, c, n]
-                for s in range(1, L):
-                    t = L - 1 - s
-                    tC = t if varC else 0
-                    dyv = dyc[t]
+                if Lp >= 8:      # the elements and the first tree levels in one pass
+                    _adjoint_first3(abf, C4.reshape(-1), (bC * LC * GC + grpC) * N,
+                                    GC * N if varC else 0, dyc, dh_last.reshape(-1),
+                                    (b * channels + c) * N, xa.reshape(-1), Gf, L, Lp, N)
+                    _upsweep(xa, G, Lp, 8)
+                    _downsweep(xa, G, Lp)
+                else:
+                    tC = L - 1 if varC else 0
+                    dyv = dyc[L - 1]
                     for n in range(N):
-                        xa[s, n] = abar[t + 1, n]
-                        G[s, n] = C4[bC, tC, grpC, n] * dyv
-                _scan(xa, G, L)
+                        xa[0, n] = 1.0
+                        G[0, n] = C4[bC, tC, grpC, n] * dyv + dh_last[b, c, n]
+                    for s in range(1, L):
+                        t = L - 1 - s
+                        tC = t if varC else 0
+                        dyv = dyc[t]
+                        for n in range(N):
+                            xa[s, n] = abar[t + 1, n]
+                            G[s, n] = C4[bC, tC, grpC, n] * dyv
+                    _scan(xa, G, L)
                 # 3. the local gradient formulas (numpy_seq.scan_core_backward)
                 for t in range(L):
                     tB = t if varB else 0
@@ -766,8 +1030,41 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     y = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last,
-                    _partitions(batch * -(-channels // _CBLK)))
+                    _partitions(batch * -(-channels // _CBLK)), A[:, 0], np.zeros(4, u.dtype))
     return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
+
+
+def prologue_forward(u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h0):
+    """:func:`scan_core_forward` of ``dt = clip(softplus(delta + delta_bias))`` (``dtB = dt``).
+
+    The prologue of :func:`refssm.scan.numba_seq.prologue` (same operations,
+    same bits) runs on each work item's staged column instead of as a pass of
+    its own: ``dt`` is never stored. (Not for ``delta_b_mean``, whose channel
+    mean needs every channel of a step.) Arguments as :func:`scan_core_forward`
+    with ``delta`` ``[batch, seq_len, channels]``, ``delta_bias`` ``[channels]``
+    or None, ``delta_softplus`` a bool and ``delta_clip`` ``(lo, hi)`` or None.
+
+    Returns
+    -------
+    y, h_last
+        As :func:`scan_core_forward`; no saved values: the backward needs
+        ``dt`` (e.g. from :func:`refssm.scan.numba_seq.prologue`) to make a
+        :class:`LogDepthSaved`.
+    """
+    u = np.ascontiguousarray(u)
+    delta, A, B4, C4, h0 = (np.ascontiguousarray(x, dtype=u.dtype)
+                            for x in (delta, A, B4, C4, h0))
+    _check_layout(u, delta, delta, A, B4, C4, h0)
+    batch, _, channels = u.shape
+    bias = (np.zeros(channels, u.dtype) if delta_bias is None
+            else np.ascontiguousarray(delta_bias, dtype=u.dtype))
+    lo, hi = delta_clip if delta_clip is not None else (-np.inf, np.inf)
+    fl = np.array([1.0, bool(delta_softplus), lo, hi], dtype=u.dtype)
+    y = np.empty_like(u)
+    h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
+    _forward_kernel(u, delta, delta, A, B4, C4, h0, y, h_last,
+                    _partitions(batch * -(-channels // _CBLK)), bias, fl)
+    return y, h_last
 
 
 def scan_core_backward(dy, dh_last, saved: LogDepthSaved):

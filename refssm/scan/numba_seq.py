@@ -103,7 +103,7 @@ _FEXP_FINGERPRINT = "d4861e7a5a7c2a9aa4c15197993078cd4404c17fe938c0cf41dd61b5669
 check_fingerprint(__name__, _FEXP_FINGERPRINT, ir_fingerprint())
 
 __all__ = ["NumbaSaved", "fused_forward", "fused_backward", "scan_core_forward",
-           "scan_core_backward", "prologue", "prologue_backward", "epilogue",
+           "scan_core_backward", "prologue", "finish_backward", "epilogue",
            "epilogue_backward", "CHUNK", "N_PARTS"]
 
 #: Time steps between two saved states (the backward recomputes one chunk at a time).
@@ -220,13 +220,18 @@ def _lanes(dtype) -> int:
 
 
 def _vector_loop_codegen(context, builder, arrays, array_types, offsets, scalars, n_arg,
-                         body, n_sums=0):
+                         body, n_sums=0, unroll=1):
     """IR for a loop over ``i < n`` applying ``body`` to ``arrays[k][offsets[k] + i]``.
 
     ``body(builder, loaded, scalars)`` receives one value per array (element
     ``i``, or a vector of ``W`` elements) and per scalar (splat in the vector
     part) and returns ``(stores, terms)``: ``{array_index: value}`` written
     back at ``i``, and ``n_sums`` values to be summed over ``i``.
+
+    ``unroll`` > 1 makes the blocks ``unroll`` machine vectors wide (LLVM
+    interleaves them: for bodies with long dependency chains, as softplus or
+    sigmoid, over long rows); it changes the summation order, so sums over the
+    state use 1.
 
     Summation order (the definition of every sum over the state here): each
     vector block's terms are added lane-wise into an accumulator that starts
@@ -237,7 +242,7 @@ def _vector_loop_codegen(context, builder, arrays, array_types, offsets, scalars
     """
     dtype = array_types[0].dtype
     fty = context.get_value_type(dtype)
-    W = _lanes(dtype)
+    W = _lanes(dtype) * unroll
     i64 = ir.IntType(64)
     i32 = ir.IntType(32)
     n = builder.sext(n_arg, i64) if n_arg.type.width < 64 else n_arg
@@ -302,8 +307,8 @@ def _check_loop_args(name, arrays, scalars, n_len):
         raise TypeError(f"{name}: expected an integer length")
 
 
-def _loop_intrinsic(name, n_arrays, n_scalars, body, n_sums):
-    """Make an intrinsic from a ``_vector_loop_codegen`` body.
+def _loop_intrinsic(name, n_arrays, n_scalars, body, n_sums, unroll=1):
+    """Make an intrinsic from a ``_vector_loop_codegen`` body (``unroll``: see there).
 
     Called as ``f(x0, o0, x1, o1, ..., s0, s1, ..., n)``: each operand is a
     flat 1-D C-contiguous array ``x`` and an element offset ``o`` (the loop
@@ -329,7 +334,7 @@ def _loop_intrinsic(name, n_arrays, n_scalars, body, n_sums):
             totals = _vector_loop_codegen(
                 context, builder, list(llargs[0:2 * n_arrays:2]),
                 list(signature.args[0:2 * n_arrays:2]), list(llargs[1:2 * n_arrays:2]),
-                list(llargs[2 * n_arrays:-1]), llargs[-1], body, n_sums)
+                list(llargs[2 * n_arrays:-1]), llargs[-1], body, n_sums, unroll)
             if n_sums == 0:
                 return context.get_dummy_value()
             if n_sums == 1:
@@ -448,15 +453,19 @@ def _prologue_body(builder, v, s):
     return {2: dt, 3: _flag(b, mmean, dtm, dt)}, []
 
 
-def _prologue_backward_body(builder, v, s):
-    # arrays: delta, bias, d dt, d dtB, d_delta; scalars: sp, lo, hi, mean?, g (mean of d dtB)
+def _finish_body(builder, v, s):
+    # arrays: delta, bias, d dt, d dtB, du_core, dy, u, D, d_delta, du, dD, d_bias (the last
+    # two: [channels] sums); scalars: sp, lo, hi, mean?, g (mean of d dtB), D?
+    # d_delta = (d dt + d dtB) dt'(x);  du = du_core + dy D;  dD += dy u;  d_bias += d_delta
     b = builder
-    delta, bias, ddt, ddtB, _ = v
-    sp, lo, hi, mmean, g = s
+    delta, bias, ddt, ddtB, duc, dy, u, D, _, _, dD, db = v
+    sp, lo, hi, mmean, g, hasD = s
     x = b.fadd(delta, bias)
     raw, _ = _step_size(b, x, sp, lo, hi)
     tot = b.fadd(ddt, _flag(b, mmean, g, ddtB))
-    return {4: b.fmul(tot, _step_size_grad(b, x, raw, sp, lo, hi))}, []
+    dd = b.fmul(tot, _step_size_grad(b, x, raw, sp, lo, hi))
+    return {8: dd, 9: _flag(b, hasD, b.fadd(duc, b.fmul(dy, D)), duc),
+            10: b.fadd(dD, b.fmul(dy, u)), 11: b.fadd(db, dd)}, []
 
 
 def _epilogue_backward_body(builder, v, s):
@@ -499,12 +508,18 @@ _store_backward = _loop_intrinsic("_store_backward", 7, 1, _store_backward_body,
 _store_core = _loop_intrinsic("_store_core", 6, 0, _store_core_body, 0)
 #: ``_mean_fix(delta, bias, d_delta, db_row, sp, lo, hi, g, n)``: adds ``g * dt'(x)``.
 _mean_fix = _loop_intrinsic("_mean_fix", 4, 4, _mean_fix_body, 0)
+# the passes of engines without the fused kernel run over whole rows of channels:
+# blocks of 4 machine vectors (unroll), for 4 independent softplus / sigmoid chains
 #: ``_prologue(delta, bias, dt, dtB, sp, lo, hi, mean, dt_mean, n)``: the prologue of a row.
-_prologue = _loop_intrinsic("_prologue", 4, 5, _prologue_body, 0)
-#: ``_prologue_backward(delta, bias, ddt, ddtB, d_delta, sp, lo, hi, mean, g, n)``
-_prologue_backward = _loop_intrinsic("_prologue_backward", 5, 5, _prologue_backward_body, 0)
+_prologue = _loop_intrinsic("_prologue", 4, 5, _prologue_body, 0, unroll=4)
+#: ``_epilogue(y_core, D, u, z, out, hasD, hasz, n)``: ``_store_forward`` as a pass.
+_epilogue = _loop_intrinsic("_epilogue", 5, 2, _store_forward_body, 0, unroll=4)
+#: ``_finish(delta, bias, ddt, ddtB, du_core, dy, u, D, d_delta, du, dD, d_bias, sp, lo, hi,
+#: mean, g, hasD, n)``: see ``_finish_body``.
+_finish = _loop_intrinsic("_finish", 12, 6, _finish_body, 0, unroll=4)
 #: ``_epilogue_backward(d_out, y_core, D, u, z, dy, dz, hasD, hasz, n)``
-_epilogue_backward = _loop_intrinsic("_epilogue_backward", 7, 2, _epilogue_backward_body, 0)
+_epilogue_backward = _loop_intrinsic("_epilogue_backward", 7, 2, _epilogue_backward_body, 0,
+                                     unroll=4)
 #: ``_forward_step(h, A_c, B_t, C_t, dt, dtB_u, N) -> y``: one forward step of one channel.
 _forward_step = _loop_intrinsic("_forward_step", 4, 2, _forward_step_body, 1)
 
@@ -1059,8 +1074,8 @@ def _epilogue_kernel(y, D, u, z, fl, out):
     batch, L, ch = u.shape
     yf, uf, zf, of = y.reshape(-1), u.reshape(-1), z.reshape(-1), out.reshape(-1)
     for r in prange(batch * L):
-        _store_forward(yf, r * ch, D, 0, uf, r * ch, zf, r * ch, of, r * ch, fl[_HAS_D],
-                       fl[_HAS_Z], ch)
+        _epilogue(yf, r * ch, D, 0, uf, r * ch, zf, r * ch, of, r * ch, fl[_HAS_D],
+                  fl[_HAS_Z], ch)
 
 
 @njit(parallel=True, cache=True)
@@ -1075,13 +1090,22 @@ def _epilogue_backward_kernel(dout, y, D, u, z, fl, dy, dz):
 
 
 @njit(parallel=True, cache=True)
-def _prologue_backward_kernel(delta, bias, ddt, ddtB, fl, gmean, ddelta):
+def _finish_kernel(delta, bias, ddt, ddtB, fl, gmean, du_core, dy, u, D, ddelta, du,
+                   dD_part, db_part):
+    """``_finish`` over every row; partition ``p`` of the rows sums into ``dD_part[p]``,
+    ``db_part[p]`` (fixed partitions: the sums do not depend on the thread count)."""
     batch, L, ch = delta.shape
-    df, f1, f2, of = delta.reshape(-1), ddt.reshape(-1), ddtB.reshape(-1), ddelta.reshape(-1)
-    for r in prange(batch * L):
-        o = r * ch
-        _prologue_backward(df, o, bias, 0, f1, o, f2, o, of, o, fl[_SP], fl[_LO], fl[_HI],
-                           fl[_MEAN], gmean[r // L, r % L], ch)
+    P = dD_part.shape[0]
+    rows = batch * L
+    df, f1, f2, f3 = delta.reshape(-1), ddt.reshape(-1), ddtB.reshape(-1), du_core.reshape(-1)
+    dyf, uf, of, duf = dy.reshape(-1), u.reshape(-1), ddelta.reshape(-1), du.reshape(-1)
+    dDf, dbf = dD_part.reshape(-1), db_part.reshape(-1)
+    for p in prange(P):
+        for r in range((p * rows) // P, ((p + 1) * rows) // P):
+            o = r * ch
+            _finish(df, o, bias, 0, f1, o, f2, o, f3, o, dyf, o, uf, o, D, 0, of, o, duf, o,
+                    dDf, p * ch, dbf, p * ch, fl[_SP], fl[_LO], fl[_HI], fl[_MEAN],
+                    gmean[r // L, r % L], fl[_HAS_D], ch)
 
 
 def prologue(delta, delta_bias, delta_softplus, delta_clip, delta_b_mean):
@@ -1111,17 +1135,38 @@ def prologue(delta, delta_bias, delta_softplus, delta_clip, delta_b_mean):
     return dt, dtB
 
 
-def prologue_backward(ddt, ddtB, delta, delta_bias, delta_softplus, delta_clip, delta_b_mean):
-    """``d delta`` from ``d dt`` and ``d dtB`` (backward of :func:`prologue`)."""
+def finish_backward(ddt, ddtB, du_core, dy, u, D, delta, delta_bias, delta_softplus, delta_clip,
+                    delta_b_mean):
+    """The gradients that follow the core's backward, in one pass over the rows.
+
+    Backward of :func:`prologue` (``d delta`` from ``d dt`` and ``d dtB``) and
+    of the ``D u`` term of :func:`epilogue`, given the core's ``du_core`` and
+    the gate's ``dy`` (:func:`epilogue_backward`)::
+
+        d_delta = (d dt + d dtB) dt'(x)       (d dtB: its channel mean for delta_b_mean)
+        du = du_core + dy D;   dD = sum dy u;   d delta_bias = sum d_delta
+
+    Returns ``(d_delta, du, dD, d_delta_bias)``; ``dD`` (``d_delta_bias``) is
+    meaningless without ``D`` (``delta_bias``). The sums over batch and time
+    are taken per fixed partition of the rows (``N_PARTS``), then over the
+    partitions: the same bits whatever the thread count.
+    """
     delta = np.ascontiguousarray(delta)
     batch, L, ch = delta.shape
-    fl = _options(delta.dtype, delta_softplus, delta_clip, delta_b_mean, False, False, False)
-    bias = np.zeros(ch, delta.dtype) if delta_bias is None else np.ascontiguousarray(delta_bias)
-    ddt, ddtB = np.ascontiguousarray(ddt), np.ascontiguousarray(ddtB)
-    gmean = (ddtB.mean(axis=-1) if delta_b_mean else np.zeros((batch, L), dtype=delta.dtype))
+    dtype = delta.dtype
+    fl = _options(dtype, delta_softplus, delta_clip, delta_b_mean, False, D is not None, False)
+    bias = np.zeros(ch, dtype) if delta_bias is None else np.ascontiguousarray(delta_bias)
+    ddt, ddtB, du_core, dy, u = (np.ascontiguousarray(a, dtype=dtype)
+                                 for a in (ddt, ddtB, du_core, dy, u))
+    gmean = (ddtB.mean(axis=-1) if delta_b_mean else np.zeros((batch, L), dtype=dtype))
     ddelta = np.empty_like(delta)
-    _prologue_backward_kernel(delta, bias, ddt, ddtB, fl, np.ascontiguousarray(gmean), ddelta)
-    return ddelta
+    du = np.empty_like(delta)
+    P = min(N_PARTS, batch * L)
+    dD_part = np.zeros((P, ch), dtype=dtype)
+    db_part = np.zeros((P, ch), dtype=dtype)
+    _finish_kernel(delta, bias, ddt, ddtB, fl, np.ascontiguousarray(gmean), du_core, dy, u,
+                   _or(D, bias), ddelta, du, dD_part, db_part)
+    return ddelta, du, dD_part.sum(axis=0), db_part.sum(axis=0)
 
 
 def epilogue(y_core, D, u, z):

@@ -330,8 +330,13 @@ def selective_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return out, last_state, SelectiveScanSaved(engine, core, None, None, u, D, z, None, flags)
     if engine == "logdepth":   # its scan kernel, with the fused kernel's prologue/epilogue
         from ..scan import numba_seq as fast
-        dt, dtB = fast.prologue(delta, delta_bias, delta_softplus, delta_clip, delta_b_mean)
-        y_core, last_state, core = mod.scan_core_forward(u, dt, dtB, A, B4, C4, h0)
+        if delta_b_mean:        # the channel mean needs whole rows: a pass of its own
+            dt, dtB = fast.prologue(delta, delta_bias, delta_softplus, delta_clip, True)
+            y_core, last_state, core = mod.scan_core_forward(u, dt, dtB, A, B4, C4, h0)
+        else:                   # the prologue on the kernel's staged columns (the backward
+            y_core, last_state = mod.prologue_forward(    # recomputes dt)
+                u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h0)
+            dt, core = None, mod.LogDepthSaved(u, None, None, A, B4, C4, h0)
         out = fast.epilogue(y_core, D, u, z)
         return out, last_state, SelectiveScanSaved(engine, core, None, dt, u, D, z, y_core,
                                                    flags, delta, delta_bias)
@@ -397,12 +402,17 @@ def selective_scan_backward(d_out, d_last_state, saved: SelectiveScanSaved) -> d
     if saved.engine == "logdepth":  # the fused kernel's prologue/epilogue backward passes
         from ..scan import numba_seq as fast
         dy, dz = fast.epilogue_backward(d_out, y_core, D, u, z)
-        g = mod.scan_core_backward(dy, d_last_state, saved.core)
-        ddelta = fast.prologue_backward(g["dt"], g["dtB"], saved.delta, saved.delta_bias,
-                                        f["delta_softplus"], f["delta_clip"], f["delta_b_mean"])
-        return _gradients(f, g, g["u"] + dy * D if D is not None else g["u"], ddelta,
-                          np.sum(dy * u, axis=(0, 1)) if D is not None else None, dz,
-                          ddelta.sum(axis=(0, 1)) if f["has_bias"] else None)
+        core = saved.core
+        if core.dt is None:     # the forward's prologue ran inside its kernel: again here
+            dt, dtB = fast.prologue(saved.delta, saved.delta_bias, f["delta_softplus"],
+                                    f["delta_clip"], False)
+            core = core._replace(dt=dt, dtB=dtB)
+        g = mod.scan_core_backward(dy, d_last_state, core)
+        ddelta, du, dD, dbias = fast.finish_backward(
+            g["dt"], g["dtB"], g["u"], dy, u, D, saved.delta, saved.delta_bias,
+            f["delta_softplus"], f["delta_clip"], f["delta_b_mean"])
+        return _gradients(f, g, du, ddelta, dD if D is not None else None, dz,
+                          dbias if f["has_bias"] else None)
     # --- epilogue backward ---------------------------------------------------
     if z is not None:
         y = y_core + D * u if D is not None else y_core
