@@ -223,6 +223,32 @@ def test_core_long_sequence():
     _check_core(_core_case(rng, 2, 4097, 3, 16, "variable", "variable"), rng)
 
 
+def test_spare_lanes_start_clean_in_every_item():
+    """A partition's buffers serve several items: spare lanes must not carry the last one's.
+
+    More items than partitions (32 x 3 blocks of 16 channels), the last block
+    partial (33 channels), one group per channel; an infinite initial state in
+    channel 21 must make only its own group's gradients non-finite (it leaked
+    into group 32 through stale spare lanes, summed into ``dC``).
+    """
+    rng = np.random.default_rng(0)
+    batch, L, ch, N = 32, 5, 33, 2
+    u = rng.standard_normal((batch, L, ch))
+    dt = rng.uniform(0.01, 0.5, (batch, L, ch))
+    A = -np.ones((ch, N))
+    B4 = rng.standard_normal((batch, L, ch, N))
+    C4 = rng.standard_normal((batch, L, ch, N))
+    h0 = rng.standard_normal((batch, ch, N))
+    h0[:, 21, 0] = np.inf
+    dy = rng.standard_normal((batch, L, ch))
+    bad = {}
+    for name, mod in (("numpy", numpy_seq), ("numba", numba_seq)):
+        _, _, s = mod.scan_core_forward(u, dt, dt, A, B4, C4, h0)
+        g = mod.scan_core_backward(dy, None, s)
+        bad[name] = [sorted(set(np.nonzero(~np.isfinite(g[k]))[2].tolist())) for k in ("B4", "C4")]
+    assert bad["numba"] == bad["numpy"] and bad["numpy"][1] == [21]
+
+
 def test_saved_values_are_small_and_named():
     rng = np.random.default_rng(0)
     args = _core_case(rng, 2, 130, 3, 4, "variable", "variable")

@@ -77,9 +77,18 @@ race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. Nothing of size
 
 Vector code: the loops over the state of the tree levels, of the
 discretisation and of ``y = C . h`` are LLVM vector IR (the intrinsics of
-:mod:`refssm.scan.numba_seq`, whose fixed summation order they share), and
-``A_bar = fexp(dt A)`` is computed for a whole work item at once in 512-byte
-vectors (:func:`_fexp_inplace`).
+:mod:`refssm.scan.numba_seq`, whose fixed summation order they share). The
+three lowest levels of each sweep touch only rows within blocks of 8: the
+up-sweep's are done in the same pass as the discretisation (``A_bar =
+fexp(dt A)`` for 8 rows at a time, 8 independent chains for the core;
+:func:`_fill_first3`, and :func:`_adjoint_first3` for the backward's
+reversed-time elements), the down-sweep's block by block
+(:func:`_downsweep_last3`), each block's rows loaded and stored once. Each
+element and tree node is computed by the same operations as the operator
+above (``_combine_body``), in the same tree: the order of rounding is the
+algorithm's. :func:`prologue_forward` applies Mamba's prologue
+(``clip(softplus(delta + bias))``) to each staged column instead of reading
+a stored ``dt``.
 
 Precision: no ``fastmath``; the scan runs in the dtype of the inputs
 (float32 or float64); per-step sums over ``state`` and the gradient
@@ -617,12 +626,6 @@ def padded_length(L):
 
 
 @njit(cache=True)
-def _combine(a1, b1, a2, b2):
-    """``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``: step 1 then step 2."""
-    return a1 * a2, a2 * b1 + b2
-
-
-@njit(cache=True)
 def _upsweep(xa, xb, Lp, d=1):
     """Blelloch reduce, in place on rows ``0 .. Lp-1`` of ``xa, xb`` ``[Lp+1, N]``.
 
@@ -636,7 +639,7 @@ def _upsweep(xa, xb, Lp, d=1):
         _upsweep_first3(af, bf, Lp, N)
         d = 8
     while d < Lp:
-        # for i in range(2 d - 1, Lp, 2 d): xa[i], xb[i] = _combine(xa[i-d], xb[i-d], xa[i], xb[i])
+        # for i in range(2 d - 1, Lp, 2 d): row i := row (i - d) o row i  (_combine_body)
         _upsweep_level(af, bf, d, Lp, N)
         d *= 2
 
@@ -820,7 +823,7 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl):
     Work items are blocks ``w = b * nblk + k`` of :data:`_CBLK` channels;
     partition ``p`` of ``P`` takes ``[p W / P, (p+1) W / P)``. Per block: its
     ``u, dt, dtB`` are staged along time (:func:`_gather_columns`); per
-    channel: discretise (:func:`_fill_forward`), scan (:func:`_scan`), read
+    channel: discretise and scan (:func:`_fill_and_scan`), read
     out ``y[t] = C[t] . h[t]`` with ``h[t] = xb[t+1]``; then the block's
     ``y`` goes back (:func:`_scatter_columns`).
 

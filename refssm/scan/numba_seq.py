@@ -1473,6 +1473,8 @@ def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4
             G[:] = 0
             AT[:] = 0
             Dl[:] = 0
+            BL[:] = 0
+            CL[:] = 0
             for cc in range(nb):
                 c = c0 + cc
                 Dl[cc] = D[c]
@@ -1504,7 +1506,9 @@ def _backward_kernel(dout, g_last, u, delta, bias, src, dt_mean, D, z, fl, A, B4
                     _stage_backward(deltaf, o, bias, c0, srcf, o, uf, o, zf, o, dof, o,
                                     dtS, r, dtBS, r, uS, r, zS, r, szS, r, doS, r, dfS, r,
                                     buS, r, sp, lo, hi, mmean, marr, dt_mean[b, t0 + k], nb)
-                # --- the chunk's A_bar, states and y_core, from its checkpoint
+                # --- the chunk's A_bar, states and y_core, from its checkpoint (spare
+                # lanes 0: the buffers are the partition's, used by items before)
+                Hb[:NL] = 0
                 for cc in range(nb):
                     for n in range(N):
                         Hb[n * LANES + cc] = ckpt[b, j, c0 + cc, n]

@@ -192,7 +192,10 @@ class SelectiveScanSaved:
     delta_pre : ndarray ``[batch, seq_len, channels]`` or None
         ``delta + delta_bias`` before softplus (needed for its derivative).
     dt : ndarray ``[batch, seq_len, channels]`` or None
-        After softplus and clip (before the channel mean).
+        After softplus and clip (before the channel mean). None for
+        ``"numba"`` and for ``"logdepth"`` without ``delta_b_mean`` (its
+        kernel applies the prologue to the columns it stages; the backward
+        recomputes ``dt``, and ``core.dt`` is None until then).
     u, D, z, y_core : the epilogue's inputs (``y_core = C . h``; or None).
     delta, delta_bias : ndarray or None
         The raw step and its bias, kept (instead of ``delta_pre``) by the
