@@ -442,7 +442,7 @@ def test_stale_cache_guards():
 
     assert numba_logdepth._DEPS_FINGERPRINT == _fastexp.deps_fingerprint(
         numba_seq._vector_loop_codegen, numba_seq._loop_intrinsic, numba_seq._check_loop_args,
-        numba_seq._step_size, numba_seq._flag)
+        numba_seq._step_size, numba_seq._flag, numba_seq._splat, numba_seq._step_size_grad)
     assert mamba_stepper._DEPS_FINGERPRINT == _fastexp.deps_fingerprint(
         numba_seq._forward_step_body, numba_seq._vector_loop_codegen,
         numba_seq._loop_intrinsic, numba_seq._check_loop_args)

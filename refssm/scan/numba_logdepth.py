@@ -114,19 +114,19 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import numba_seq as _ns
-from ._fastexp import _const, build_fexp, check_fingerprint, deps_fingerprint
+from ._fastexp import _const, build_fexp, build_sigmoid, check_fingerprint, deps_fingerprint
 from .numba_seq import _loop_intrinsic
 
 #: :func:`refssm.scan._fastexp.deps_fingerprint` of the code inlined into the cached
 #: kernels below from other files: ``fexp`` and ``numba_seq``'s vector loops (Numba keys
 #: their cache on this file only; see ``_fastexp``'s caveat).
-_DEPS_FINGERPRINT = "832aa495d9d97ebaee7619decc4e2cd5c2f8d3dd0b0a1c60b97e15a88712d04d"
+_DEPS_FINGERPRINT = "52ddda5be193d7c59942e3c4bd84134ac36b21d5a245b5c1af0191646bf0ac76"
 check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint(
     _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args, _ns._step_size,
-    _ns._flag))
+    _ns._flag, _ns._splat, _ns._step_size_grad))
 
-__all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "prologue_forward",
-           "linear_scan", "padded_length"]
+__all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "fused_forward",
+           "fused_backward", "linear_scan", "padded_length"]
 
 
 # --------------------------------------------------------------------------
@@ -416,6 +416,52 @@ def _column_prologue_body(builder, v, s):
     return {0: _ns._step_size(builder, builder.fadd(v[0], bias), sp, lo, hi)[1]}, []
 
 
+def _column_epilogue_body(builder, v, s):
+    # arrays: y (becomes out), u, z; scalars: D_c, D?, z?.  out = (y + D u) silu(z), the
+    # operations of numba_seq's _store_forward_body
+    b = builder
+    y, u, z = v
+    Dc, hasD, hasz = s
+    y = _ns._flag(b, hasD, b.fadd(y, b.fmul(Dc, u)), y)
+    return {0: _ns._flag(b, hasz, b.fmul(y, b.fmul(z, build_sigmoid(b, z))), y)}, []
+
+
+def _column_gate_backward_body(builder, v, s):
+    # arrays: d_out (becomes dy), y_core (becomes dz), u, z; scalars: D_c, D?, z?.
+    # dy = d_out z sigma(z), dz = d_out (y + D u) silu'(z): numba_seq's _epilogue_backward_body
+    b = builder
+    dout, yc, u, z = v
+    Dc, hasD, hasz = s
+    one = _const(z.type, 1.0)
+    y = _ns._flag(b, hasD, b.fadd(yc, b.fmul(Dc, u)), yc)
+    sg = build_sigmoid(b, z)
+    dsilu = b.fmul(sg, b.fadd(one, b.fmul(z, b.fsub(one, sg))))
+    return {0: _ns._flag(b, hasz, b.fmul(dout, b.fmul(z, sg)), dout),
+            1: b.fmul(b.fmul(dout, y), dsilu)}, []
+
+
+def _column_finish_body(builder, v, s):
+    # arrays: d dt (becomes d delta), d dtB, delta, du (core's; becomes du), dy; scalars: bias_c,
+    # softplus?, lo, hi, D_c, D?.  numba_seq's _finish_body for one channel: d delta =
+    # (d dt + d dtB) dt'(delta + bias), du += dy D; sum: d delta (for d delta_bias)
+    b = builder
+    ddt, ddtB, delta, duc, dy = v
+    bias, sp, lo, hi, Dc, hasD = s
+    x = b.fadd(delta, bias)
+    raw, _ = _ns._step_size(b, x, sp, lo, hi)
+    dd = b.fmul(b.fadd(ddt, ddtB), _ns._step_size_grad(b, x, raw, sp, lo, hi))
+    return {0: dd, 3: _ns._flag(b, hasD, b.fadd(duc, b.fmul(dy, Dc)), duc)}, [dd]
+
+
+#: ``_column_finish(ddt, o, ddtB, o, delta, o, du, o, dy, o, bias_c, sp, lo, hi, D_c, hasD, n)
+#: -> sum of d delta``.
+_column_finish = _loop_intrinsic("_column_finish", 5, 6, _column_finish_body, 1, unroll=4)
+#: ``_column_epilogue(y, o, u, o, z, o, D_c, hasD, hasz, n)``: ``y := (y + D u) silu(z)``.
+_column_epilogue = _loop_intrinsic("_column_epilogue", 3, 3, _column_epilogue_body, 0, unroll=4)
+#: ``_column_gate_backward(dout, o, y, o, u, o, z, o, D_c, hasD, hasz, n)``: ``dout := dy``,
+#: ``y := dz``.
+_column_gate_backward = _loop_intrinsic("_column_gate_backward", 4, 3,
+                                        _column_gate_backward_body, 0, unroll=4)
 #: ``_column_prologue(col, o, bias_c, sp, lo, hi, n)``: ``col = clip(softplus(col + bias_c))``.
 _column_prologue = _loop_intrinsic("_column_prologue", 1, 4, _column_prologue_body, 0, unroll=4)
 
@@ -817,7 +863,7 @@ def _partitions(work):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl):
+def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D):
     """Fill ``y`` ``[batch, L, channels]`` and ``h_last`` ``[batch, channels, N]``.
 
     Work items are blocks ``w = b * nblk + k`` of :data:`_CBLK` channels;
@@ -827,10 +873,13 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl):
     out ``y[t] = C[t] . h[t]`` with ``h[t] = xb[t+1]``; then the block's
     ``y`` goes back (:func:`_scatter_columns`).
 
-    ``fl = [raw?, softplus?, lo, hi]``: when ``raw``, ``dt`` holds the raw
-    ``delta`` and each staged column becomes ``clip(softplus(delta +
-    bias[c]))`` (``dtB`` is unused: it is ``dt``), the prologue of
-    :func:`refssm.scan.numba_seq.prologue` with the same operations.
+    ``fl = [raw?, softplus?, lo, hi, epilogue?, D?, z?]``: when ``raw``,
+    ``dt`` holds the raw ``delta`` and each staged column becomes
+    ``clip(softplus(delta + bias[c]))`` (``dtB`` is unused: it is ``dt``), the
+    prologue of :func:`refssm.scan.numba_seq.prologue` with the same
+    operations. When ``epilogue``, each ``y`` column becomes ``(y + D[c] u)
+    silu(z)`` before it goes back (``y`` is then ``out``), as
+    :func:`refssm.scan.numba_seq.epilogue` computes it.
     """
     batch, L, channels = u.shape
     N = A.shape[1]
@@ -843,7 +892,7 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl):
     for p in prange(P):
         xa = np.empty((Lp + 1, N), dtype=u.dtype)
         xb = np.empty((Lp + 1, N), dtype=u.dtype)
-        cols = np.empty((4, _CBLK, L), dtype=u.dtype)    # u, dt, dtB, y of a block
+        cols = np.empty((5, _CBLK, L), dtype=u.dtype)    # u, dt, dtB, y, z of a block
         xbf = xb.reshape(-1)
         Cf = C4.reshape(-1)
         LC, GC = C4.shape[1], C4.shape[2]
@@ -871,12 +920,19 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl):
                     yc[t] = _dot(Cf, oC, xbf, (t + 1) * N, N)
                 for n in range(N):
                     h_last[b, c, n] = xb[L, n]
+            if fl[4] > 0:                                    # the epilogue, column by column
+                if fl[6] > 0:
+                    _gather_columns(z, b, c0, nb, cols[4])
+                for l in range(nb):
+                    _column_epilogue(cols[3, l], 0, cols[0, l], 0, cols[4, l], 0, D[c0 + l],
+                                     fl[5], fl[6], L)
             _scatter_columns(cols[3], b, c0, nb, y)
 
 
 @njit(parallel=True, cache=True)
 def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
-                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P):
+                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P, fl, z, D, dy_out, dz, bias,
+                     dD_rows, db_rows):
     """Fill ``du, ddt, ddtB`` ``[batch, L, channels]``, ``dh0`` ``[batch, channels, N]``
     and partition ``p``'s slices of the accumulators ``dA_p`` ``[P, channels, N]``,
     ``dB_p`` ``[P, *B4.shape]``, ``dC_p`` ``[P, *C4.shape]`` (float64, zeroed).
@@ -884,6 +940,17 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     Per work item, with four ``[Lp + 1, N]`` buffers: (1) forward scan again,
     ``H[t] = h[t-1]`` (``H[0] = h0``), ``abar[t] = a[t]``; (2) adjoint scan in
     reversed time, ``G[L - t] = g[t]``; (3) the local gradient formulas.
+
+    ``fl = [gate?, D?, z?, raw?, softplus?, lo, hi]``: with ``gate``, ``dy``
+    holds ``d out`` of :func:`fused_forward`'s epilogue and step (1) also
+    gives ``y = C . h``, from which the gate's backward (numba_seq's
+    ``epilogue_backward``) makes the core's ``dy``, written to ``dy_out``,
+    and ``dz`` (when ``z?``). With ``raw`` too, ``dt`` holds the raw
+    ``delta``: each column's ``dt = dtB`` is made by the prologue (as in the
+    forward), and the kernel finishes the gradients itself (numba_seq's
+    ``finish_backward`` per column): ``du`` gets ``dy D``, ``ddt`` receives
+    ``d delta``, and ``dD_rows`` / ``db_rows`` ``[batch, channels]`` the sums
+    over time of ``dy u`` and ``d delta``; ``dy_out`` and ``ddtB`` are unused.
     """
     batch, L, channels = u.shape
     N = A.shape[1]
@@ -901,31 +968,51 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
         G = np.empty((Lp + 1, N), dtype=u.dtype)      # G[L - t] = g[t] = dL/dh[t]
         # a block's u, dt, dtB, dy along time; the gradients du, ddt, ddtB of a
         # channel replace its u, dt, dtB once read (step 3)
-        cols = np.empty((4, _CBLK, L), dtype=u.dtype)
+        # ... and z, y (then dz) for the gate, and the raw delta
+        cols = np.empty((7, _CBLK, L), dtype=u.dtype)
+        raw = fl[0] > 0 and fl[3] > 0
         dA = dA_p[p]
         dB = dB_p[p]
         dC = dC_p[p]
         Gf, Hf, abf = G.reshape(-1), H.reshape(-1), abar.reshape(-1)
         dAf, dBf, dCf = dA.reshape(-1), dB.reshape(-1), dC.reshape(-1)
-        Af, Bf = A.reshape(-1), B4.reshape(-1)
+        Af, Bf, C4f = A.reshape(-1), B4.reshape(-1), C4.reshape(-1)
         LB, GB, LC, GC = B4.shape[1], B4.shape[2], C4.shape[1], C4.shape[2]
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
             c0 = (w - b * nblk) * _CBLK
             nb = min(_CBLK, channels - c0)
             _gather_columns(u, b, c0, nb, cols[0])
-            _gather_columns(dt, b, c0, nb, cols[1])
-            _gather_columns(dtB, b, c0, nb, cols[2])
+            if raw:
+                _gather_columns(dt, b, c0, nb, cols[6])
+            else:
+                _gather_columns(dt, b, c0, nb, cols[1])
+                _gather_columns(dtB, b, c0, nb, cols[2])
             _gather_columns(dy, b, c0, nb, cols[3])
+            if fl[0] > 0 and fl[2] > 0:
+                _gather_columns(z, b, c0, nb, cols[4])
             for l in range(nb):
                 c = c0 + l
                 uc, dtc, dtBc, dyc = cols[0, l], cols[1, l], cols[2, l], cols[3, l]
+                if raw:          # dt = dtB = clip(softplus(delta + bias)), as the forward
+                    dtc[:] = cols[6, l]
+                    _column_prologue(dtc, 0, bias[c], fl[4], fl[5], fl[6], L)
+                    dtBc[:] = dtc
                 bB = b if B4.shape[0] > 1 else 0
                 bC = b if C4.shape[0] > 1 else 0
                 grpB = c // gsB
                 grpC = c // gsC
                 # 1. recompute the forward states with the log-depth scan
                 _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
+                if fl[0] > 0:    # the gate: y[t] = C[t] . h[t], then dy (over d out) and dz
+                    yc = cols[5, l]
+                    for t in range(L):
+                        yc[t] = _dot(C4f, ((bC * LC + (t if varC else 0)) * GC + grpC) * N,
+                                     Hf, (t + 1) * N, N)
+                    _column_gate_backward(dyc, 0, yc, 0, uc, 0, cols[4, l], 0, D[c], fl[1],
+                                          fl[2], L)
+                    if raw:
+                        dD_rows[b, c] = _dot(dyc, 0, uc, 0, L)      # sum_t dy u
                 for n in range(N):
                     H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
                 # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
@@ -969,9 +1056,19 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                     uc[t] = s_u
                 for n in range(N):
                     dh0[b, c, n] = abar[0, n] * G[L, n]
+                if raw:          # d delta into dtc, du += dy D (and sum_t d delta)
+                    db_rows[b, c] = _column_finish(dtc, 0, dtBc, 0, cols[6, l], 0, uc, 0, dyc,
+                                                   0, bias[c], fl[4], fl[5], fl[6], D[c],
+                                                   fl[1], L)
+            if fl[0] > 0:
+                if not raw:
+                    _scatter_columns(cols[3], b, c0, nb, dy_out)
+                if fl[2] > 0:
+                    _scatter_columns(cols[5], b, c0, nb, dz)
             _scatter_columns(cols[0], b, c0, nb, du)
             _scatter_columns(cols[1], b, c0, nb, ddt)
-            _scatter_columns(cols[2], b, c0, nb, ddtB)
+            if not raw:
+                _scatter_columns(cols[2], b, c0, nb, ddtB)
 
 
 # --------------------------------------------------------------------------
@@ -1033,41 +1130,62 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     y = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last,
-                    _partitions(batch * -(-channels // _CBLK)), A[:, 0], np.zeros(4, u.dtype))
+                    _partitions(batch * -(-channels // _CBLK)), A[:, 0], np.zeros(7, u.dtype),
+                    u, A[:, 0])
     return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
 
 
-def prologue_forward(u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h0):
-    """:func:`scan_core_forward` of ``dt = clip(softplus(delta + delta_bias))`` (``dtB = dt``).
+def fused_forward(u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h0, D, z,
+                  dt=None, dtB=None):
+    """The scan with its prologue and epilogue applied to each work item's staged columns.
 
-    The prologue of :func:`refssm.scan.numba_seq.prologue` (same operations,
-    same bits) runs on each work item's staged column instead of as a pass of
-    its own: ``dt`` is never stored. (Not for ``delta_b_mean``, whose channel
-    mean needs every channel of a step.) Arguments as :func:`scan_core_forward`
-    with ``delta`` ``[batch, seq_len, channels]``, ``delta_bias`` ``[channels]``
-    or None, ``delta_softplus`` a bool and ``delta_clip`` ``(lo, hi)`` or None.
+    ``out = (y + D u) silu(z)`` with ``y`` the core of :func:`scan_core_forward`
+    of ``dt = clip(softplus(delta + delta_bias))`` (each part optional), as
+    the passes :func:`refssm.scan.numba_seq.prologue` / ``epilogue`` compute
+    it (same operations, same bits), without storing ``dt`` or ``y``. For
+    ``delta_b_mean``, whose channel mean needs every channel of a step, pass
+    ``dt`` and ``dtB`` from ``prologue`` instead.
+
+    Parameters
+    ----------
+    u, delta : ndarray ``[batch, seq_len, channels]``
+    delta_bias, D : ndarray ``[channels]`` or None
+    delta_softplus : bool
+    delta_clip : (float, float) or None
+    A, B4, C4, h0 : as :func:`scan_core_forward`
+    z : ndarray ``[batch, seq_len, channels]`` or None
+    dt, dtB : ndarray ``[batch, seq_len, channels]``, optional
 
     Returns
     -------
-    y, h_last
-        As :func:`scan_core_forward`; no saved values: the backward needs
-        ``dt`` (e.g. from :func:`refssm.scan.numba_seq.prologue`) to make a
-        :class:`LogDepthSaved`.
+    out : ndarray ``[batch, seq_len, channels]``
+    h_last : ndarray ``[batch, channels, state]``
+    saved : LogDepthSaved
+        Its ``dt``, ``dtB`` are None unless given: :func:`fused_backward`
+        needs them (e.g. from ``prologue``).
     """
     u = np.ascontiguousarray(u)
     delta, A, B4, C4, h0 = (np.ascontiguousarray(x, dtype=u.dtype)
                             for x in (delta, A, B4, C4, h0))
-    _check_layout(u, delta, delta, A, B4, C4, h0)
+    raw = dt is None
+    if raw:
+        dt = dtB = delta
+    dt, dtB = (np.ascontiguousarray(x, dtype=u.dtype) for x in (dt, dtB))
+    _check_layout(u, dt, dtB, A, B4, C4, h0)
     batch, _, channels = u.shape
-    bias = (np.zeros(channels, u.dtype) if delta_bias is None
-            else np.ascontiguousarray(delta_bias, dtype=u.dtype))
+    zero = np.zeros(channels, u.dtype)
+    bias = zero if delta_bias is None else np.ascontiguousarray(delta_bias, dtype=u.dtype)
     lo, hi = delta_clip if delta_clip is not None else (-np.inf, np.inf)
-    fl = np.array([1.0, bool(delta_softplus), lo, hi], dtype=u.dtype)
-    y = np.empty_like(u)
+    fl = np.array([raw, bool(delta_softplus), lo, hi, True, D is not None, z is not None],
+                  dtype=u.dtype)
+    out = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
-    _forward_kernel(u, delta, delta, A, B4, C4, h0, y, h_last,
-                    _partitions(batch * -(-channels // _CBLK)), bias, fl)
-    return y, h_last
+    _forward_kernel(u, dt, dtB, A, B4, C4, h0, out, h_last,
+                    _partitions(batch * -(-channels // _CBLK)), bias, fl,
+                    u if z is None else np.ascontiguousarray(z, dtype=u.dtype),
+                    zero if D is None else np.ascontiguousarray(D, dtype=u.dtype))
+    saved = LogDepthSaved(u, None if raw else dt, None if raw else dtB, A, B4, C4, h0)
+    return out, h_last, saved
 
 
 def scan_core_backward(dy, dh_last, saved: LogDepthSaved):
@@ -1110,7 +1228,76 @@ def scan_core_backward(dy, dh_last, saved: LogDepthSaved):
     dB_p = np.zeros((P,) + B4.shape)
     dC_p = np.zeros((P,) + C4.shape)
     _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
-                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P)
+                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P, np.zeros(7, dtype), u, A[:, 0],
+                     du, du, A[:, 0], dh0[:, :, 0], dh0[:, :, 0])
     return {"u": du, "dt": ddt, "dtB": ddtB, "A": dA_p.sum(axis=0).astype(dtype),
             "B4": dB_p.sum(axis=0).astype(dtype), "C4": dC_p.sum(axis=0).astype(dtype),
             "h0": dh0}
+
+
+def fused_backward(d_out, dh_last, saved: LogDepthSaved, D, z, delta=None, delta_bias=None,
+                   delta_softplus=False, delta_clip=None):
+    """Backward of :func:`fused_forward`: the scan, the gate and (given ``delta``) the prologue.
+
+    :func:`scan_core_backward` whose ``dy`` is made inside the kernel: each
+    work item's recomputed states give ``y = C . h``, and the gate's backward
+    (that of :func:`refssm.scan.numba_seq.epilogue_backward`, same
+    operations) gives ``dy`` and ``dz`` from ``d_out``.
+
+    With ``delta`` (and ``delta_bias``, ``delta_softplus``, ``delta_clip``;
+    not for ``delta_b_mean``), ``dt`` is recomputed on the staged columns and
+    the gradients are finished there too, as
+    :func:`refssm.scan.numba_seq.finish_backward` would: the result has
+    ``u``, ``delta``, ``D``, ``delta_bias`` (each final; ``D`` and
+    ``delta_bias`` summed over batch and time) besides ``A``, ``B4``,
+    ``C4``, ``h0`` and ``dz``. Without ``delta``, ``saved`` must hold ``dt``
+    and ``dtB``, and the result is :func:`scan_core_backward`'s plus ``dy``
+    (the core's ``dy``) and ``dz`` (None without a gate).
+    """
+    u, dt, dtB, A, B4, C4, h0 = saved
+    raw = delta is not None
+    if raw:
+        dt = dtB = np.ascontiguousarray(delta, dtype=u.dtype)
+    elif dt is None or dtB is None:
+        raise ValueError("fused_backward: pass delta, or saved values with dt and dtB")
+    dtype = u.dtype
+    d_out = np.ascontiguousarray(d_out, dtype=dtype)
+    if dh_last is None:
+        dh_last = np.zeros_like(h0)
+    dh_last = np.ascontiguousarray(dh_last, dtype=dtype)
+    if d_out.shape != u.shape or dh_last.shape != h0.shape or dt.shape != u.shape:
+        raise ValueError(f"d_out, dh_last, delta: expected {u.shape}, {h0.shape} and "
+                         f"{u.shape}, got {d_out.shape}, {dh_last.shape} and {dt.shape}")
+    batch, _, channels = u.shape
+    P = _partitions(batch * -(-channels // _CBLK))
+    du = np.empty_like(u)
+    ddt = np.empty_like(u)
+    ddtB = du if raw else np.empty_like(u)
+    dy = du if raw else np.empty_like(u)
+    dz = np.empty_like(u) if z is not None else None
+    dh0 = np.empty_like(h0)
+    dA_p = np.zeros((P,) + A.shape)
+    dB_p = np.zeros((P,) + B4.shape)
+    dC_p = np.zeros((P,) + C4.shape)
+    zero = np.zeros(channels, dtype)
+    lo, hi = delta_clip if delta_clip is not None else (-np.inf, np.inf)
+    fl = np.array([1.0, D is not None, z is not None, raw, bool(delta_softplus), lo, hi],
+                  dtype=dtype)
+    dD_rows = np.zeros((batch, channels), dtype)
+    db_rows = np.zeros((batch, channels), dtype)
+    _backward_kernel(d_out, dh_last, u, dt, dtB, A, B4, C4, h0,
+                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P, fl,
+                     u if z is None else np.ascontiguousarray(z, dtype=dtype),
+                     zero if D is None else np.ascontiguousarray(D, dtype=dtype),
+                     dy, du if dz is None else dz,
+                     zero if delta_bias is None else np.ascontiguousarray(delta_bias, dtype=dtype),
+                     dD_rows, db_rows)
+    g = {"A": dA_p.sum(axis=0).astype(dtype), "B4": dB_p.sum(axis=0).astype(dtype),
+         "C4": dC_p.sum(axis=0).astype(dtype), "h0": dh0, "dz": dz}
+    if raw:
+        g.update(u=du, delta=ddt, D=dD_rows.sum(axis=0), delta_bias=db_rows.sum(axis=0))
+    else:
+        g.update(u=du, dt=ddt, dtB=ddtB, dy=dy)
+    return g
+
+

@@ -331,17 +331,14 @@ def selective_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         out, last_state, core = mod.fused_forward(u, delta, delta_bias, delta_softplus,
                                                   delta_clip, delta_b_mean, A, B4, C4, D, z, h0)
         return out, last_state, SelectiveScanSaved(engine, core, None, None, u, D, z, None, flags)
-    if engine == "logdepth":   # its scan kernel, with the fused kernel's prologue/epilogue
+    if engine == "logdepth":   # its scan kernel, prologue and epilogue on its staged columns
         from ..scan import numba_seq as fast
+        dt = dtB = None
         if delta_b_mean:        # the channel mean needs whole rows: a pass of its own
             dt, dtB = fast.prologue(delta, delta_bias, delta_softplus, delta_clip, True)
-            y_core, last_state, core = mod.scan_core_forward(u, dt, dtB, A, B4, C4, h0)
-        else:                   # the prologue on the kernel's staged columns (the backward
-            y_core, last_state = mod.prologue_forward(    # recomputes dt)
-                u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h0)
-            dt, core = None, mod.LogDepthSaved(u, None, None, A, B4, C4, h0)
-        out = fast.epilogue(y_core, D, u, z)
-        return out, last_state, SelectiveScanSaved(engine, core, None, dt, u, D, z, y_core,
+        out, last_state, core = mod.fused_forward(u, delta, delta_bias, delta_softplus,
+                                                  delta_clip, A, B4, C4, h0, D, z, dt, dtB)
+        return out, last_state, SelectiveScanSaved(engine, core, None, dt, u, D, z, None,
                                                    flags, delta, delta_bias)
     # --- prologue: the step size --------------------------------------------
     delta_pre = delta + delta_bias if delta_bias is not None else delta
@@ -402,19 +399,19 @@ def selective_scan_backward(d_out, d_last_state, saved: SelectiveScanSaved) -> d
         g = mod.fused_backward(d_out, d_last_state, saved.core)
         return _gradients(f, g, g["u"], g["delta"], g["D"] if D is not None else None, g["z"],
                           g["delta_bias"] if f["has_bias"] else None)
-    if saved.engine == "logdepth":  # the fused kernel's prologue/epilogue backward passes
-        from ..scan import numba_seq as fast
-        dy, dz = fast.epilogue_backward(d_out, y_core, D, u, z)
+    if saved.engine == "logdepth":  # scan, gate (and prologue) backward in its kernel
         core = saved.core
-        if core.dt is None:     # the forward's prologue ran inside its kernel: again here
-            dt, dtB = fast.prologue(saved.delta, saved.delta_bias, f["delta_softplus"],
-                                    f["delta_clip"], False)
-            core = core._replace(dt=dt, dtB=dtB)
-        g = mod.scan_core_backward(dy, d_last_state, core)
+        if core.dt is None:     # the prologue ran on the kernel's columns: so does its backward
+            g = mod.fused_backward(d_out, d_last_state, core, D, z, saved.delta,
+                                   saved.delta_bias, f["delta_softplus"], f["delta_clip"])
+            return _gradients(f, g, g["u"], g["delta"], g["D"] if D is not None else None,
+                              g["dz"], g["delta_bias"] if f["has_bias"] else None)
+        from ..scan import numba_seq as fast          # delta_b_mean: the rows' passes
+        g = mod.fused_backward(d_out, d_last_state, core, D, z)
         ddelta, du, dD, dbias = fast.finish_backward(
-            g["dt"], g["dtB"], g["u"], dy, u, D, saved.delta, saved.delta_bias,
+            g["dt"], g["dtB"], g["u"], g["dy"], u, D, saved.delta, saved.delta_bias,
             f["delta_softplus"], f["delta_clip"], f["delta_b_mean"])
-        return _gradients(f, g, du, ddelta, dD if D is not None else None, dz,
+        return _gradients(f, g, du, ddelta, dD if D is not None else None, g["dz"],
                           dbias if f["has_bias"] else None)
     # --- epilogue backward ---------------------------------------------------
     if z is not None:
