@@ -243,8 +243,9 @@ def test_spare_lanes_start_clean_in_every_item():
     dy = rng.standard_normal((batch, L, ch))
     bad = {}
     for name, mod in (("numpy", numpy_seq), ("numba", numba_seq)):
-        _, _, s = mod.scan_core_forward(u, dt, dt, A, B4, C4, h0)
-        g = mod.scan_core_backward(dy, None, s)
+        with np.errstate(invalid="ignore"):          # inf * 0 in the NumPy engine's sums
+            _, _, s = mod.scan_core_forward(u, dt, dt, A, B4, C4, h0)
+            g = mod.scan_core_backward(dy, None, s)
         bad[name] = [sorted(set(np.nonzero(~np.isfinite(g[k]))[2].tolist())) for k in ("B4", "C4")]
     assert bad["numba"] == bad["numpy"] and bad["numpy"][1] == [21]
 
