@@ -125,11 +125,15 @@ def test_core_without_dh_last():
 
 
 def test_result_does_not_depend_on_thread_count():
-    """One partition and several partitions (private gradient buffers) agree."""
+    """1 and 2 threads give the same bits: the partitions (private gradient buffers) are fixed.
+
+    25 work items (5 batch rows x 5 blocks of up to 8 channels), more than the 8
+    partitions. With one partition per thread (before) the gradients of this case
+    differed by ~1e-15 between 1 and 2 threads."""
     rng = np.random.default_rng(6)
-    args = _core_case(rng, 3, 50, 5, 4, "constant", "constant")
-    dy = rng.standard_normal((3, 50, 5))
-    dh = rng.standard_normal((3, 5, 4))
+    args = _core_case(rng, 5, 60, 33, 8, "variable", "grouped", groups=33)
+    dy = rng.standard_normal((5, 60, 33))
+    dh = rng.standard_normal((5, 33, 8))
     threads = numba.get_num_threads()
     out = []
     try:
@@ -141,8 +145,8 @@ def test_result_does_not_depend_on_thread_count():
         numba.set_num_threads(threads)
     (y1, h1, g1), (y2, h2, g2) = out[0], out[-1]
     assert np.array_equal(y1, y2) and np.array_equal(h1, h2)
-    for k in GRAD_KEYS:
-        assert normwise_error(g2[k], g1[k]) <= 1e-15, k
+    for k in GRAD_KEYS:                      # fixed partitions: the same sums, the same bits
+        np.testing.assert_array_equal(g2[k], g1[k], err_msg=k)
 
 
 def test_saved_is_inputs_only():

@@ -61,7 +61,7 @@ same scan. The forward states are recomputed inside the backward (one more
 scan per work item) instead of being stored; then the local formulas of
 :func:`refssm.scan.numpy_seq.scan_core_backward` give every gradient.
 
-Parallelism and memory: ``prange`` over ``numba.get_num_threads()``
+Parallelism and memory: ``prange`` over ``N_PARTS`` (8) fixed
 *partitions* of the flattened ``batch x channel blocks`` work items (blocks of
 8 channels; batch 1 still uses every thread). A block's ``[batch, L,
 channels]`` inputs are first copied into ``[8, seq_len]`` columns (each cache
@@ -69,11 +69,13 @@ line and memory page read once for the 8 channels, instead of once per
 channel and step), its channels are scanned one by one from there, and
 their outputs go back the same way. Each partition owns ``[L_pad + 1,
 state]`` scratch buffers (two in the forward, four in the backward), the
-columns (``4 x 8 x seq_len``) and, in the backward, private float64
+columns (``5 x 8 x seq_len``; 7 in the backward) and, in the backward, private float64
 accumulators for the ``A``, ``B4`` and ``C4`` gradients (sums over channels,
 batch and, when constant, time), added up after the parallel loop:
-race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. Nothing of size
-``batch x seq_len x channels x state`` is ever allocated.
+race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. The partitions
+depend on the shapes only, not on the thread count, so neither do the results
+(to the bit). Nothing of size ``batch x seq_len x channels x state`` is ever
+allocated.
 
 Vector code: the loops over the state of the tree levels, of the
 discretisation and of ``y = C . h`` are LLVM vector IR (the intrinsics of
@@ -104,7 +106,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -857,9 +858,14 @@ def _scatter_columns(src, b, c0, nb, x):
             x[b, t, c0 + l] = src[l, t]
 
 
+#: Parallel partitions of the work items (fixed, not the thread count: the backward's
+#: per-partition gradient sums, and so its results, depend on the shapes only).
+N_PARTS = 8
+
+
 def _partitions(work):
-    """How many parallel partitions to split ``work`` items into."""
-    return max(1, min(numba.get_num_threads(), work))
+    """How many parallel partitions to split ``work`` items into: ``min(N_PARTS, work)``."""
+    return max(1, min(N_PARTS, work))
 
 
 @njit(parallel=True, cache=True)
