@@ -443,10 +443,11 @@ def test_stale_cache_guards():
 
     assert numba_logdepth._DEPS_FINGERPRINT == _fastexp.deps_fingerprint(
         numba_seq._vector_loop_codegen, numba_seq._loop_intrinsic, numba_seq._check_loop_args,
-        numba_seq._step_size, numba_seq._flag, numba_seq._splat, numba_seq._step_size_grad)
+        numba_seq._step_size, numba_seq._flag, numba_seq._splat, numba_seq._step_size_grad,
+        numba_seq._halving_sum, numba_seq._dt_prime, numba_seq._gate, numba_seq._gate_grads)
     assert mamba_stepper._DEPS_FINGERPRINT == _fastexp.deps_fingerprint(
         numba_seq._forward_step_body, numba_seq._vector_loop_codegen,
-        numba_seq._loop_intrinsic, numba_seq._check_loop_args)
+        numba_seq._loop_intrinsic, numba_seq._check_loop_args, numba_seq._halving_sum)
     assert numba_seq._FEXP_FINGERPRINT == _fastexp.ir_fingerprint()
     with pytest.raises(ImportError, match="set the recorded fingerprint"):
         _fastexp.check_fingerprint("m", "old", "new")

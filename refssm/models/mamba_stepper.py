@@ -51,9 +51,10 @@ from ._common import check_params
 #: Fingerprint of the code from other files inlined into the cached kernel below
 #: (``fexp``/softplus/sigmoid and the fused scan's vector step): Numba keys the
 #: cache on this file only, so a change there must come with a change here.
-_DEPS_FINGERPRINT = "1147896bdb0ee7f20477f503e55d9e51131f463b24b26a098681e8303bc117cf"
+_DEPS_FINGERPRINT = "b8281b0c67447cfd84567fbedecaad038979c0d72d874a67cce337b75efab4b7"
 check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint(
-    _ns._forward_step_body, _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args))
+    _ns._forward_step_body, _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args,
+    _ns._halving_sum))
 
 __all__ = ["MambaStepper", "make_stepper"]
 

@@ -121,10 +121,11 @@ from .numba_seq import _loop_intrinsic
 #: :func:`refssm.scan._fastexp.deps_fingerprint` of the code inlined into the cached
 #: kernels below from other files: ``fexp`` and ``numba_seq``'s vector loops (Numba keys
 #: their cache on this file only; see ``_fastexp``'s caveat).
-_DEPS_FINGERPRINT = "52ddda5be193d7c59942e3c4bd84134ac36b21d5a245b5c1af0191646bf0ac76"
+_DEPS_FINGERPRINT = "1df1a49302316e6a52be7ee754a4b4538672ea84decc63675ed20fd769164e5e"
 check_fingerprint(__name__, _DEPS_FINGERPRINT, deps_fingerprint(
     _ns._vector_loop_codegen, _ns._loop_intrinsic, _ns._check_loop_args, _ns._step_size,
-    _ns._flag, _ns._splat, _ns._step_size_grad))
+    _ns._flag, _ns._splat, _ns._step_size_grad, _ns._halving_sum, _ns._dt_prime, _ns._gate,
+    _ns._gate_grads))
 
 __all__ = ["LogDepthSaved", "scan_core_forward", "scan_core_backward", "fused_forward",
            "fused_backward", "linear_scan", "padded_length"]
@@ -209,15 +210,23 @@ _upsweep_level = _level_intrinsic("_upsweep_level", _combine_body, ("aj", "ai", 
 _downsweep_level = _level_intrinsic("_downsweep_level", _distribute_body, ("aj", "bj", "bi"))
 
 
-def _up8_body(builder, v, s):
-    # arrays: xa rows r0 .. r0+7, then xb rows r0 .. r0+7: the up-sweep's levels d = 1, 2, 4
-    # inside the block (pairs as in _upsweep), with the values in registers
+def _up8_tree(builder, a, x):
+    """The up-sweep's levels d = 1, 2, 4 on the lists ``a``, ``x`` of 8 rows, in place.
+
+    Pairs as in :func:`_upsweep`: ``row i := row i - d o row i`` (``_combine_body``).
+    """
     b = builder
-    a, x = list(v[:8]), list(v[8:])
     for d in (1, 2, 4):
         for i in range(2 * d - 1, 8, 2 * d):
             j = i - d
             a[i], x[i] = b.fmul(a[j], a[i]), b.fadd(b.fmul(a[i], x[j]), x[i])
+
+
+def _up8_body(builder, v, s):
+    # arrays: xa rows r0 .. r0+7, then xb rows r0 .. r0+7: the up-sweep's levels d = 1, 2, 4
+    # inside the block, with the values in registers
+    a, x = list(v[:8]), list(v[8:])
+    _up8_tree(builder, a, x)
     return {**{r: a[r] for r in (1, 3, 5, 7)}, **{8 + r: x[r] for r in (1, 3, 5, 7)}}, []
 
 
@@ -315,10 +324,7 @@ def _fill_first3_intrinsic(name, keep_abar):
                     stores = {}
                     if keep_abar:
                         stores.update({25 + r: a[r] for r in range(8)})
-                    for d in (1, 2, 4):                    # as _up8_body
-                        for i in range(2 * d - 1, 8, 2 * d):
-                            j = i - d
-                            a[i], x[i] = bb.fmul(a[j], a[i]), bb.fadd(bb.fmul(a[i], x[j]), x[i])
+                    _up8_tree(bb, a, x)
                     stores.update({9 + r: a[r] for r in range(8)})
                     stores.update({17 + r: x[r] for r in range(8)})
                     return stores, []
@@ -388,10 +394,7 @@ def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, N):
                 a = [bb.select(ident[r], one, As[r]) for r in range(8)]
                 x = [bb.fmul(Cs[r], sc[r]) for r in range(8)]
                 x[0] = bb.select(first, bb.fadd(x[0], dhv), x[0])
-                for d in (1, 2, 4):                        # as _up8_body
-                    for i in range(2 * d - 1, 8, 2 * d):
-                        j = i - d
-                        a[i], x[i] = bb.fmul(a[j], a[i]), bb.fadd(bb.fmul(a[i], x[j]), x[i])
+                _up8_tree(bb, a, x)
                 stores = {16 + r: a[r] for r in range(8)}
                 stores.update({24 + r: x[r] for r in range(8)})
                 return stores, []
@@ -420,25 +423,18 @@ def _column_prologue_body(builder, v, s):
 def _column_epilogue_body(builder, v, s):
     # arrays: y (becomes out), u, z; scalars: D_c, D?, z?.  out = (y + D u) silu(z), the
     # operations of numba_seq's _store_forward_body
-    b = builder
     y, u, z = v
     Dc, hasD, hasz = s
-    y = _ns._flag(b, hasD, b.fadd(y, b.fmul(Dc, u)), y)
-    return {0: _ns._flag(b, hasz, b.fmul(y, b.fmul(z, build_sigmoid(b, z))), y)}, []
+    return {0: _ns._gate(builder, y, Dc, u, z, hasD, hasz)}, []
 
 
 def _column_gate_backward_body(builder, v, s):
     # arrays: d_out (becomes dy), y_core (becomes dz), u, z; scalars: D_c, D?, z?.
     # dy = d_out z sigma(z), dz = d_out (y + D u) silu'(z): numba_seq's _epilogue_backward_body
-    b = builder
     dout, yc, u, z = v
     Dc, hasD, hasz = s
-    one = _const(z.type, 1.0)
-    y = _ns._flag(b, hasD, b.fadd(yc, b.fmul(Dc, u)), yc)
-    sg = build_sigmoid(b, z)
-    dsilu = b.fmul(sg, b.fadd(one, b.fmul(z, b.fsub(one, sg))))
-    return {0: _ns._flag(b, hasz, b.fmul(dout, b.fmul(z, sg)), dout),
-            1: b.fmul(b.fmul(dout, y), dsilu)}, []
+    dy, dz = _ns._gate_grads(builder, dout, yc, Dc, u, z, build_sigmoid(builder, z), hasD, hasz)
+    return {0: dy, 1: dz}, []
 
 
 def _column_finish_body(builder, v, s):
@@ -448,9 +444,7 @@ def _column_finish_body(builder, v, s):
     b = builder
     ddt, ddtB, delta, duc, dy = v
     bias, sp, lo, hi, Dc, hasD = s
-    x = b.fadd(delta, bias)
-    raw, _ = _ns._step_size(b, x, sp, lo, hi)
-    dd = b.fmul(b.fadd(ddt, ddtB), _ns._step_size_grad(b, x, raw, sp, lo, hi))
+    dd = b.fmul(b.fadd(ddt, ddtB), _ns._dt_prime(b, delta, bias, sp, lo, hi))
     return {0: dd, 3: _ns._flag(b, hasD, b.fadd(duc, b.fmul(dy, Dc)), duc)}, [dd]
 
 
@@ -569,7 +563,7 @@ def _local_gradients(typingctx, G, oG, H, ohp, oh, ab, oa, A, oA, B, oB, dA, odA
     def codegen(context, builder, sig, args):
         b = builder
         ta = sig.args
-        i64, i32 = ir.IntType(64), ir.IntType(32)
+        i64 = ir.IntType(64)
         (Gv, oG, Hv, ohp, oh, av, oa, Av, oA, Bv, oB, dAv, odA, dBv, odB, dCv, odC,
          dt, dtB, u, dy, n) = args
         oG, ohp, oh, oa, oA, oB, odA, odB, odC, n = (
@@ -614,17 +608,7 @@ def _local_gradients(typingctx, G, oG, H, ohp, oh, ab, oa, A, oA, B, oB, dA, odA
                 b.store(b.fadd(b.load(acc), term), acc)
         tots = []
         for acc in accs:
-            r = b.load(acc)
-            width = W
-            while width > 1:
-                half = width // 2
-                lo = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half),
-                                                        list(range(half))))
-                hi = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half),
-                                                        list(range(half, width))))
-                r = b.fadd(lo, hi)
-                width = half
-            tots.append(cgutils.alloca_once_value(b, b.extract_element(r, ir.Constant(i32, 0))))
+            tots.append(cgutils.alloca_once_value(b, _ns._halving_sum(b, b.load(acc))))
         with cgutils.for_range_slice(b, b.mul(nb, ir.Constant(i64, W)), n,
                                      ir.Constant(i64, 1)) as (i, _):
             for tot, term in zip(tots, run(i, False)):

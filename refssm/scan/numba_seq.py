@@ -219,6 +219,24 @@ def _lanes(dtype) -> int:
     return 512 // dtype.bitwidth
 
 
+def _halving_sum(builder, vec):
+    """The sum of a vector's lanes, by halving: ``v[:W/2] + v[W/2:]``, then again, to one lane.
+
+    The one order of every sum over the lanes of a vector in these kernels.
+    """
+    i32 = ir.IntType(32)
+    width = vec.type.count
+    while width > 1:
+        half = width // 2
+        lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half),
+                                                          list(range(half))))
+        hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half),
+                                                          list(range(half, width))))
+        vec = builder.fadd(lo, hi)
+        width = half
+    return builder.extract_element(vec, ir.Constant(i32, 0))
+
+
 def _vector_loop_codegen(context, builder, arrays, array_types, offsets, scalars, n_arg,
                          body, n_sums=0, unroll=1):
     """IR for a loop over ``i < n`` applying ``body`` to ``arrays[k][offsets[k] + i]``.
@@ -271,17 +289,7 @@ def _vector_loop_codegen(context, builder, arrays, array_types, offsets, scalars
             builder.store(builder.fadd(builder.load(acc), term), acc)
     totals = []
     for acc in accs:
-        r = builder.load(acc)
-        width = W
-        while width > 1:
-            half = width // 2
-            mty = ir.VectorType(i32, half)
-            lo = builder.shuffle_vector(r, r, ir.Constant(mty, list(range(half))))
-            hi = builder.shuffle_vector(r, r, ir.Constant(mty, list(range(half, width))))
-            r = builder.fadd(lo, hi)
-            width = half
-        totals.append(cgutils.alloca_once_value(
-            builder, builder.extract_element(r, ir.Constant(i32, 0))))
+        totals.append(cgutils.alloca_once_value(builder, _halving_sum(builder, builder.load(acc))))
     start = builder.mul(nb, ir.Constant(i64, W))
     with cgutils.for_range_slice(builder, start, n, ir.Constant(i64, 1)) as (i, _):
         ptrs = [builder.gep(d, [i]) for d in datas]
@@ -377,15 +385,58 @@ def _step_size_grad(builder, x, raw, sp, lo, hi):
     return b.select(inside, _flag(b, sp, build_sigmoid(b, x), one), zero)
 
 
+def _dt_prime(builder, delta, bias, sp, lo, hi):
+    """``d dt / d x`` at ``x = delta + bias`` (:func:`_step_size_grad` of :func:`_step_size`)."""
+    x = builder.fadd(delta, bias)
+    raw, _ = _step_size(builder, x, sp, lo, hi)
+    return _step_size_grad(builder, x, raw, sp, lo, hi)
+
+
+def _staged_step(builder, delta, bias, src, dtm, sp, lo, hi, mmean, marr):
+    """The prologue at a staged element: ``(x, raw, dt, dtB)``, ``x = delta + bias``.
+
+    ``dtB`` is ``src`` (given as an array), ``dtm`` (the channel mean) or ``dt``.
+    """
+    b = builder
+    x = b.fadd(delta, bias)
+    raw, dt = _step_size(b, x, sp, lo, hi)
+    return x, raw, dt, _flag(b, marr, src, _flag(b, mmean, dtm, dt))
+
+
+def _gate(builder, y, D, u, z, hasD, hasz):
+    """The epilogue: ``(y + D u) silu(z)`` (each term per its 0/1 flag)."""
+    b = builder
+    y = _flag(b, hasD, b.fadd(y, b.fmul(D, u)), y)
+    return _flag(b, hasz, b.fmul(y, b.fmul(z, build_sigmoid(b, z))), y)
+
+
+def _gate_grads(builder, dout, yc, D, u, z, sg, hasD, hasz):
+    """Backward of :func:`_gate` given ``sg = sigmoid(z)``: ``(dy, dz)``.
+
+    ``dy = d_out z sg`` (``d_out`` without a gate), ``dz = d_out (y + D u) silu'(z)``.
+    """
+    b = builder
+    one = _const(z.type, 1.0)
+    y = _flag(b, hasD, b.fadd(yc, b.fmul(D, u)), yc)
+    dsilu = b.fmul(sg, b.fadd(one, b.fmul(z, b.fsub(one, sg))))
+    return _flag(b, hasz, b.fmul(dout, b.fmul(z, sg)), dout), b.fmul(b.fmul(dout, y), dsilu)
+
+
+def _stage_backward_values(builder, delta, bias, src, u, z, dout, dtm, sp, lo, hi, mmean, marr):
+    """What the backward stages per element: ``dt, dtB, u, z, sigmoid(z), d_out, dt'(x), dtB u``."""
+    b = builder
+    x, raw, dt, dtB = _staged_step(b, delta, bias, src, dtm, sp, lo, hi, mmean, marr)
+    return [dt, dtB, u, z, build_sigmoid(b, z), dout, _step_size_grad(b, x, raw, sp, lo, hi),
+            b.fmul(dtB, u)]
+
+
 def _stage_forward_body(builder, v, s):
     # arrays: delta, bias, src, u, dt_row, bu_row; scalars: sp, lo, hi, mean?, arr?, dt_mean
     # dt = clip(softplus(delta + bias)); dtB = src (arr), dt_mean (mean) or dt; bu = dtB u
-    b = builder
     delta, bias, src, u, _, _ = v
     sp, lo, hi, mmean, marr, dtm = s
-    _, dt = _step_size(b, b.fadd(delta, bias), sp, lo, hi)
-    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
-    return {4: dt, 5: b.fmul(dtB, u)}, []
+    _, _, dt, dtB = _staged_step(builder, delta, bias, src, dtm, sp, lo, hi, mmean, marr)
+    return {4: dt, 5: builder.fmul(dtB, u)}, []
 
 
 def _step_sum_body(builder, v, s):
@@ -398,24 +449,18 @@ def _step_sum_body(builder, v, s):
 
 def _store_forward_body(builder, v, s):
     # arrays: y_row, D, u, z, out; scalars: D?, z?.  out = (y + D u) * z sigmoid(z)
-    b = builder
     y, D, u, z, _ = v
-    hasD, hasz = s
-    y = _flag(b, hasD, b.fadd(y, b.fmul(D, u)), y)
-    return {4: _flag(b, hasz, b.fmul(y, b.fmul(z, build_sigmoid(b, z))), y)}, []
+    return {4: _gate(builder, y, D, u, z, *s)}, []
 
 
 def _stage_backward_body(builder, v, s):
     # arrays: delta, bias, src, u, z, d_out, dt_row, dtB_row, u_row, z_row, sz_row, do_row,
     #         df_row, bu_row; scalars: sp, lo, hi, mean?, arr?, dt_mean
-    b = builder
     delta, bias, src, u, z, dout = v[:6]
     sp, lo, hi, mmean, marr, dtm = s
-    x = b.fadd(delta, bias)
-    raw, dt = _step_size(b, x, sp, lo, hi)
-    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
-    return {6: dt, 7: dtB, 8: u, 9: z, 10: build_sigmoid(b, z), 11: dout,
-            12: _step_size_grad(b, x, raw, sp, lo, hi), 13: b.fmul(dtB, u)}, []
+    vals = _stage_backward_values(builder, delta, bias, src, u, z, dout, dtm, sp, lo, hi,
+                                  mmean, marr)
+    return {6 + k: val for k, val in enumerate(vals)}, []
 
 
 def _store_backward_body(builder, v, s):
@@ -438,9 +483,7 @@ def _mean_fix_body(builder, v, s):
     b = builder
     delta, bias, dd, db = v
     sp, lo, hi, g = s
-    x = b.fadd(delta, bias)
-    raw, _ = _step_size(b, x, sp, lo, hi)
-    add = b.fmul(g, _step_size_grad(b, x, raw, sp, lo, hi))
+    add = b.fmul(g, _dt_prime(b, delta, bias, sp, lo, hi))
     return {2: b.fadd(dd, add), 3: b.fadd(db, add)}, []
 
 
@@ -460,10 +503,8 @@ def _finish_body(builder, v, s):
     b = builder
     delta, bias, ddt, ddtB, duc, dy, u, D, _, _, dD, db = v
     sp, lo, hi, mmean, g, hasD = s
-    x = b.fadd(delta, bias)
-    raw, _ = _step_size(b, x, sp, lo, hi)
     tot = b.fadd(ddt, _flag(b, mmean, g, ddtB))
-    dd = b.fmul(tot, _step_size_grad(b, x, raw, sp, lo, hi))
+    dd = b.fmul(tot, _dt_prime(b, delta, bias, sp, lo, hi))
     return {8: dd, 9: _flag(b, hasD, b.fadd(duc, b.fmul(dy, D)), duc),
             10: b.fadd(dD, b.fmul(dy, u)), 11: b.fadd(db, dd)}, []
 
@@ -471,15 +512,9 @@ def _finish_body(builder, v, s):
 def _epilogue_backward_body(builder, v, s):
     # arrays: d_out, y_core, D, u, z, dy, dz; scalars: D?, z?
     # out = (y + D u) silu(z): dz = d_out (y + D u) silu'(z), dy = d_out silu(z)
-    b = builder
     dout, y, D, u, z, _, _ = v
-    hasD, hasz = s
-    one = _const(z.type, 1.0)
-    y = _flag(b, hasD, b.fadd(y, b.fmul(D, u)), y)
-    sg = build_sigmoid(b, z)
-    dsilu = b.fmul(sg, b.fadd(one, b.fmul(z, b.fsub(one, sg))))
-    return {5: _flag(b, hasz, b.fmul(dout, b.fmul(z, sg)), dout),
-            6: b.fmul(b.fmul(dout, y), dsilu)}, []
+    dy, dz = _gate_grads(builder, dout, y, D, u, z, build_sigmoid(builder, z), *s)
+    return {5: dy, 6: dz}, []
 
 
 def _forward_step_body(builder, v, s):
@@ -715,12 +750,9 @@ def _rows_intrinsic(name, n_arrays, n_scalars, body, row_scalars=()):
 def _stage_rows_body(builder, v, s):
     # arrays: delta, bias, src, u, dt_mean (one per row), dt_row, bu_row; scalars: sp, lo, hi,
     # mean?, arr?.  _stage_forward_body with the channel mean read per row
-    b = builder
     delta, bias, src, u, dtm, _, _ = v
-    sp, lo, hi, mmean, marr = s
-    _, dt = _step_size(b, b.fadd(delta, bias), sp, lo, hi)
-    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
-    return {5: dt, 6: b.fmul(dtB, u)}, []
+    _, _, dt, dtB = _staged_step(builder, delta, bias, src, dtm, *s)
+    return {5: dt, 6: builder.fmul(dtB, u)}, []
 
 
 #: ``_stage_rows(delta, bias, src, u, dt_mean, dt_row, bu_row (each: array, offset, row
@@ -838,24 +870,15 @@ def _lane_sums_add(typingctx, P, acc, oacc, N):
         Pv, accv = args[0], args[1]
         oacc, n = (b.sext(a, ir.IntType(64)) if a.type.width < 64 else a for a in args[2:])
         fty = context.get_value_type(sig.args[0].dtype)
-        i64, i32 = ir.IntType(64), ir.IntType(32)
+        i64 = ir.IntType(64)
         al = sig.args[0].dtype.bitwidth // 8
         vL = ir.VectorType(fty, LANES)
         with cgutils.for_range(b, n) as loop:
             i = loop.index
             p = b.bitcast(_arg_ptr(context, b, sig.args[0], Pv, b.mul(i, ir.Constant(i64, LANES))),
                           vL.as_pointer())
-            r = b.load(p, align=al)
-            width = LANES
-            while width > 1:
-                half = width // 2
-                lo = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half), list(range(half))))
-                hi = b.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, half),
-                                                        list(range(half, width))))
-                r = b.fadd(lo, hi)
-                width = half
             q = _arg_ptr(context, b, sig.args[1], accv, b.add(oacc, i))
-            b.store(b.fadd(b.load(q), b.extract_element(r, ir.Constant(i32, 0))), q)
+            b.store(b.fadd(b.load(q), _halving_sum(b, b.load(p, align=al))), q)
         return context.get_dummy_value()
 
     return types.void(P, acc, oacc, N), codegen
@@ -864,27 +887,15 @@ def _lane_sums_add(typingctx, P, acc, oacc, N):
 def _stage_backward_rows_body(builder, v, s):
     # arrays: delta, bias, src, u, z, d_out, dt_mean (one per row), dt_row, dtB_row, u_row,
     #         z_row, sz_row, do_row, df_row, bu_row; scalars: sp, lo, hi, mean?, arr?
-    b = builder
-    delta, bias, src, u, z, dout, dtm = v[:7]
-    sp, lo, hi, mmean, marr = s
-    x = b.fadd(delta, bias)
-    raw, dt = _step_size(b, x, sp, lo, hi)
-    dtB = _flag(b, marr, src, _flag(b, mmean, dtm, dt))
-    return {7: dt, 8: dtB, 9: u, 10: z, 11: build_sigmoid(b, z), 12: dout,
-            13: _step_size_grad(b, x, raw, sp, lo, hi), 14: b.fmul(dtB, u)}, []
+    vals = _stage_backward_values(builder, *v[:7], *s)
+    return {7 + k: val for k, val in enumerate(vals)}, []
 
 
 def _gate_backward_body(builder, v, s):
     # arrays: d_out, y_core, D, u, z, sigmoid(z), dy, dz; scalars: D?, z?
     # out = (y + D u) silu(z): dy = d_out z sigma(z), dz = d_out (y + D u) silu'(z)
-    b = builder
-    dout, yc, D, u, z, sg = v[:6]
-    hasD, hasz = s
-    one = _const(z.type, 1.0)
-    y = _flag(b, hasD, b.fadd(yc, b.fmul(D, u)), yc)
-    dsilu = b.fmul(sg, b.fadd(one, b.fmul(z, b.fsub(one, sg))))
-    return {6: _flag(b, hasz, b.fmul(dout, b.fmul(z, sg)), dout),
-            7: b.fmul(b.fmul(dout, y), dsilu)}, []
+    dy, dz = _gate_grads(builder, *v[:6], *s)
+    return {6: dy, 7: dz}, []
 
 
 def _input_grads_body(builder, v, s):
