@@ -84,6 +84,42 @@ def test_bare_scan_every_length(dtype):
         assert normwise_error(out, ref) <= tol, L
 
 
+@numba.njit
+def _segmented_scan(a, b, S):
+    """The forward's walk of the tree a segment of ``S`` rows at a time (each segment's
+    up-sweep, the levels above, each segment's down-sweep) on ``[Lp, N]`` elements."""
+    Lp, N = a.shape
+    xa = np.empty((Lp + 1, N), a.dtype)
+    xb = np.empty((Lp + 1, N), a.dtype)
+    xa[:Lp] = a
+    xb[:Lp] = b
+    af, bf = xa.reshape(-1), xb.reshape(-1)
+    for lo in range(0, Lp, S):
+        ld._upsweep_first3(af, bf, lo, lo + S, N)
+        ld._upsweep_rows(af, bf, 8, lo, lo + S, N)
+    ld._sweeps_above(xa, xb, Lp, S)
+    for lo in range(Lp - S, -1, -S):         # any order of the segments
+        ld._downsweep_segment(af, bf, lo, S, N)
+    return xb[1:]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_segmented_walk_is_the_same_tree(dtype):
+    """Walking the tree segment by segment (to stay in cache) gives the whole-tree
+    walk's bits for every segment size, and the kernels' segment size is a valid one."""
+    rng = np.random.default_rng(4)
+    Lp, N = 256, 5
+    a = rng.uniform(-1.1, 1.1, (Lp, N)).astype(dtype)
+    b = rng.standard_normal((Lp, N)).astype(dtype)
+    whole = ld.linear_scan(a, b)
+    for S in (8, 16, 32, 64, 128, 256):
+        assert np.array_equal(_segmented_scan(a, b, S), whole), S
+    for L, n, size in ((8, 16, 8), (4096, 16, 8), (1 << 16, 16, 8), (1 << 16, 1, 4)):
+        S = ld._segment_rows(L, n, size)
+        assert 8 <= S <= L and S & (S - 1) == 0
+        assert S * n * size <= max(ld.SEGMENT_BYTES, 8 * n * size)
+
+
 def test_padded_length():
     assert [ld.padded_length(L) for L in (1, 2, 3, 4, 5, 8, 9, 4097)] == \
         [1, 2, 4, 4, 8, 8, 16, 8192]

@@ -92,6 +92,18 @@ algorithm's. :func:`prologue_forward` applies Mamba's prologue
 (``clip(softplus(delta + bias))``) to each staged column instead of reading
 a stored ``dt``.
 
+Cache: a tree of ``L_pad`` rows is walked a *segment* of ``S`` rows at a time
+(``S N itemsize <=`` :data:`SEGMENT_BYTES`, :func:`_segment_rows`): each
+segment's elements and its own up-sweep levels while its rows are in the
+core's cache, then the levels above the segments (:func:`_sweeps_above`, a
+scan of the segments' totals), then each segment's down-sweep followed at once
+by what reads its rows (``y = C . h``; in the backward, the local gradient
+formulas, the adjoint's segments from the last so that ``t`` still increases).
+It is the same tree and the same node operations, walked in another order, so
+the same bits (``tests/test_logdepth.py::test_segmented_walk_is_the_same_tree``);
+it matters when ``L_pad`` rows no longer fit in the cache (``seq_len`` 65536:
+8 MiB per buffer).
+
 Precision: no ``fastmath``; the scan runs in the dtype of the inputs
 (float32 or float64); per-step sums over ``state`` and the gradient
 accumulators are float64. ``a`` comes from :func:`refssm.scan._fastexp.fexp`
@@ -169,15 +181,16 @@ def _i64(builder, v):
 
 
 def _level_intrinsic(name, body, rows):
-    """``f(xa, xb, d, Lp, N)``: ``body`` on the row pairs of one tree level, in one IR loop.
+    """``f(xa, xb, d, lo, hi, N)``: ``body`` on the row pairs of one tree level, in one IR loop.
 
-    For ``i = 2d - 1, 4d - 1, ... < Lp`` and ``j = i - d``, the state loop of
-    ``body`` over the rows ``rows`` (``"aj"``, ``"ai"``, ``"bj"``, ``"bi"``:
-    row ``j`` or ``i`` of ``xa`` or ``xb``), as :func:`numba_seq._loop_intrinsic`
-    would run it for one pair; the loop over pairs is in the same IR (no call
-    and set-up per pair).
+    For ``i = lo + 2d - 1, lo + 4d - 1, ... < hi`` and ``j = i - d``, the state
+    loop of ``body`` over the rows ``rows`` (``"aj"``, ``"ai"``, ``"bj"``,
+    ``"bi"``: row ``j`` or ``i`` of ``xa`` or ``xb``), as
+    :func:`numba_seq._loop_intrinsic` would run it for one pair; the loop over
+    pairs is in the same IR (no call and set-up per pair). ``[lo, hi)`` is the
+    whole tree (``0, L_pad``) or one segment of it (:func:`_segment_rows`).
     """
-    def typer(typingctx, xa, xb, d, Lp, N):
+    def typer(typingctx, xa, xb, d, lo, hi, N):
         for a in (xa, xb):
             if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
                     and isinstance(a.dtype, types.Float) and a.dtype == xa.dtype):
@@ -186,10 +199,10 @@ def _level_intrinsic(name, body, rows):
         def codegen(context, builder, sig, args):
             b = builder
             xa_, xb_ = args[0], args[1]
-            d_, Lp_, N_ = (_i64(b, v) for v in args[2:])
+            d_, lo_, hi_, N_ = (_i64(b, v) for v in args[2:])
             two_d = b.mul(d_, ir.Constant(ir.IntType(64), 2))
-            start = b.sub(two_d, ir.Constant(ir.IntType(64), 1))
-            with cgutils.for_range_slice(b, start, Lp_, two_d) as (i, _):
+            start = b.add(lo_, b.sub(two_d, ir.Constant(ir.IntType(64), 1)))
+            with cgutils.for_range_slice(b, start, hi_, two_d) as (i, _):
                 j = b.sub(i, d_)
                 pick = {"aj": (xa_, j), "ai": (xa_, i), "bj": (xb_, j), "bi": (xb_, i)}
                 arrays = [pick[r][0] for r in rows]
@@ -198,15 +211,15 @@ def _level_intrinsic(name, body, rows):
                 _ns._vector_loop_codegen(context, b, arrays, tys, offs, [], N_, body, 0)
             return context.get_dummy_value()
 
-        return types.void(xa, xb, d, Lp, N), codegen
+        return types.void(xa, xb, d, lo, hi, N), codegen
 
     typer.__name__ = name
     return intrinsic(typer)
 
 
-#: ``_upsweep_level(xa, xb, d, Lp, N)``: ``row i := row j o row i`` for the level's pairs.
+#: ``_upsweep_level(xa, xb, d, lo, hi, N)``: ``row i := row j o row i`` for the level's pairs.
 _upsweep_level = _level_intrinsic("_upsweep_level", _combine_body, ("aj", "ai", "bj", "bi"))
-#: ``_downsweep_level(xa, xb, d, Lp, N)``: the down-sweep's step (``b`` half) for the level.
+#: ``_downsweep_level(xa, xb, d, lo, hi, N)``: the down-sweep's step (``b`` half) for the level.
 _downsweep_level = _level_intrinsic("_downsweep_level", _distribute_body, ("aj", "bj", "bi"))
 
 
@@ -242,25 +255,23 @@ def _down8_body(builder, v, s):
 
 
 def _block8_intrinsic(name, body):
-    """``f(xa, xb, Lp, N)``: ``body`` on every block of 8 rows ``8k .. 8k+7`` (``Lp % 8 == 0``).
+    """``f(xa, xb, lo, hi, N)``: ``body`` on every block of 8 rows ``8k .. 8k+7`` in ``[lo, hi)``.
 
     The three lowest tree levels touch only rows within such blocks: done
     there, each block's rows are loaded and stored once for the three.
     """
-    def typer(typingctx, xa, xb, Lp, N):
+    def typer(typingctx, xa, xb, lo, hi, N):
         def codegen(context, builder, sig, args):
             b = builder
-            Lp_, N_ = _i64(b, args[2]), _i64(b, args[3])
-            nblk = b.udiv(Lp_, ir.Constant(ir.IntType(64), 8))
-            with cgutils.for_range(b, nblk) as loop:
-                r0 = b.mul(loop.index, ir.Constant(ir.IntType(64), 8))
+            lo_, hi_, N_ = (_i64(b, v) for v in args[2:])
+            with cgutils.for_range_slice(b, lo_, hi_, ir.Constant(ir.IntType(64), 8)) as (r0, _):
                 offs = [b.mul(b.add(r0, ir.Constant(ir.IntType(64), r)), N_) for r in range(8)]
                 _ns._vector_loop_codegen(context, b, [args[0]] * 8 + [args[1]] * 8,
                                          [sig.args[0]] * 8 + [sig.args[1]] * 8, offs + offs,
                                          [], N_, body, 0)
             return context.get_dummy_value()
 
-        return types.void(xa, xb, Lp, N), codegen
+        return types.void(xa, xb, lo, hi, N), codegen
 
     typer.__name__ = name
     return intrinsic(typer)
@@ -269,16 +280,16 @@ def _block8_intrinsic(name, body):
 def _fill_first3_intrinsic(name, keep_abar):
     """Discretisation, ``fexp``, ``h0`` folding and the up-sweep's levels 1, 2, 4 in one pass.
 
-    ``f(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N)`` (flat 1-D
-    arrays): block by block of 8 rows ``t``, each loaded once: ``xa[t] =
+    ``f(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N)`` (flat 1-D
+    arrays): block by block of 8 rows ``t`` in ``[lo, hi)``, each loaded once: ``xa[t] =
     fexp(dt[t] A)``, ``xb[t] = (dtB[t] u[t]) B[oB0 + t sB]``, ``xb[0] += xa[0] h0``,
     then the three lowest tree levels (as :func:`_up8_body`). Rows ``t >= L`` up
-    to ``Lp`` get the identity ``(1, 0)`` (``dt = 0``, ``dtB u = 0``; their ``B``
+    get the identity ``(1, 0)`` (``dt = 0``, ``dtB u = 0``; their ``B``
     row is clamped to ``L - 1``). With ``keep_abar`` the ``A_bar`` rows are also
     stored into ``ab`` (the backward needs them). The 8 rows' ``fexp`` are 8
     independent chains for the core to interleave.
     """
-    def typer(typingctx, A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N):
+    def typer(typingctx, A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N):
         arrays = (A, B, dtc, dtBc, uc, h0, xa, xb, ab)
         for a in arrays:
             if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == A.dtype
@@ -290,9 +301,9 @@ def _fill_first3_intrinsic(name, keep_abar):
             ta = sig.args
             i64 = ir.IntType(64)
             (A_, oA_, B_, oB0_, sB_, dtc_, dtBc_, uc_, h0_, oh0_, xa_, xb_, ab_,
-             L_, Lp_, N_) = args
-            oA_, oB0_, sB_, oh0_, L_, Lp_, N_ = (_i64(b, v) for v in
-                                                 (oA_, oB0_, sB_, oh0_, L_, Lp_, N_))
+             L_, lo_, hi_, N_) = args
+            oA_, oB0_, sB_, oh0_, L_, lo_, hi_, N_ = (_i64(b, v) for v in
+                                                      (oA_, oB0_, sB_, oh0_, L_, lo_, hi_, N_))
             fty = context.get_value_type(ta[0].dtype)
             zero = ir.Constant(fty, 0.0)
             Lm1 = b.sub(L_, ir.Constant(i64, 1))
@@ -301,10 +312,8 @@ def _fill_first3_intrinsic(name, keep_abar):
             def load(k, arr, i):
                 return b.load(b.gep(context.make_array(ta[k])(context, b, arr).data, [i]))
 
-            nblk = b.udiv(Lp_, c(8))
-            with cgutils.for_range(b, nblk) as loop:
-                r0 = b.mul(loop.index, c(8))
-                first = b.icmp_unsigned("==", loop.index, c(0))
+            with cgutils.for_range_slice(b, lo_, hi_, c(8)) as (r0, _):
+                first = b.icmp_unsigned("==", r0, c(0))
                 dts, bus, boffs, roffs = [], [], [], []
                 for r in range(8):
                     t = b.add(r0, c(r))
@@ -337,26 +346,28 @@ def _fill_first3_intrinsic(name, keep_abar):
                                          dts + bus, N_, body, 0)
             return context.get_dummy_value()
 
-        return types.void(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N), codegen
+        return (types.void(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N),
+                codegen)
 
     typer.__name__ = name
     return intrinsic(typer)
 
 
-#: ``_fill_first3(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, Lp, N)``
+#: ``_fill_first3(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N)``
 #: (``ab`` unused) and ``_fill_first3_keep``, which stores ``A_bar`` into ``ab``.
 _fill_first3 = _fill_first3_intrinsic("_fill_first3", False)
 _fill_first3_keep = _fill_first3_intrinsic("_fill_first3_keep", True)
 
 
 @intrinsic
-def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, N):
+def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, lo, hi, N):
     """The adjoint's elements, in reversed time, and the up-sweep's levels 1, 2, 4: one pass.
 
     Row ``s = L - 1 - t`` of ``(xa, G)`` is ``(A_bar[t + 1], C[t] dy[t])``
     (``ab``'s rows; ``C`` rows from ``oC0 + t sC``), row 0 is ``(1, C[L-1]
-    dy[L-1] + dh)`` and rows ``L .. Lp - 1`` the identity ``(1, 0)``; then, block
-    by block of 8 rows, the three lowest tree levels (as :func:`_up8_body`).
+    dy[L-1] + dh)`` and rows ``s >= L`` the identity ``(1, 0)``; then, block
+    by block of 8 rows, the three lowest tree levels (as :func:`_up8_body`). Rows
+    ``[lo, hi)`` only (the tree or a segment of it).
     """
     for a in (ab, C, dyc, dh, xa, G):
         if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == ab.dtype
@@ -367,15 +378,14 @@ def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, N):
         b = builder
         ta = sig.args
         i64 = ir.IntType(64)
-        ab_, C_, oC0_, sC_, dyc_, dh_, odh_, xa_, G_, L_, Lp_, N_ = args
-        oC0_, sC_, odh_, L_, Lp_, N_ = (_i64(b, v) for v in (oC0_, sC_, odh_, L_, Lp_, N_))
+        ab_, C_, oC0_, sC_, dyc_, dh_, odh_, xa_, G_, L_, lo_, hi_, N_ = args
+        oC0_, sC_, odh_, L_, lo_, hi_, N_ = (_i64(b, v) for v in
+                                             (oC0_, sC_, odh_, L_, lo_, hi_, N_))
         fty = context.get_value_type(ta[0].dtype)
         c = lambda v: ir.Constant(i64, v)                  # noqa: E731
         Lm1 = b.sub(L_, c(1))
-        nblk = b.udiv(Lp_, c(8))
-        with cgutils.for_range(b, nblk) as loop:
-            r0 = b.mul(loop.index, c(8))
-            first = b.icmp_unsigned("==", loop.index, c(0))
+        with cgutils.for_range_slice(b, lo_, hi_, c(8)) as (r0, _):
+            first = b.icmp_unsigned("==", r0, c(0))
             dys, aoffs, coffs, roffs, ident = [], [], [], [], []
             for r in range(8):
                 srow = b.add(r0, c(r))
@@ -405,12 +415,12 @@ def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, N):
                 aoffs + coffs + roffs + roffs + [odh_], dys, N_, body, 0)
         return context.get_dummy_value()
 
-    return types.void(ab, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, N), codegen
+    return types.void(ab, C, oC0, sC, dyc, dh, odh, xa, G, L, lo, hi, N), codegen
 
 
-#: ``_upsweep_first3(xa, xb, Lp, N)``: the up-sweep's levels 1, 2, 4.
+#: ``_upsweep_first3(xa, xb, lo, hi, N)``: the up-sweep's levels 1, 2, 4.
 _upsweep_first3 = _block8_intrinsic("_upsweep_first3", _up8_body)
-#: ``_downsweep_last3(xa, xb, Lp, N)``: the down-sweep's levels 4, 2, 1.
+#: ``_downsweep_last3(xa, xb, lo, hi, N)``: the down-sweep's levels 4, 2, 1.
 _downsweep_last3 = _block8_intrinsic("_downsweep_last3", _down8_body)
 
 
@@ -657,22 +667,59 @@ def padded_length(L):
 
 
 @njit(cache=True)
-def _upsweep(xa, xb, Lp, d=1):
+def _upsweep_rows(af, bf, d, lo, hi, N):
+    """Blelloch reduce, levels ``d, 2d, ...`` on the rows ``[lo, hi)`` of a flat tree.
+
+    ``af, bf`` are ``xa, xb`` ``[Lp+1, N]`` flattened; ``hi - lo`` is a power of
+    two and ``lo`` a multiple of it (the whole tree, or a segment). After it,
+    row ``lo + k 2e - 1`` holds the total of its subtree of ``2e`` rows for every
+    level ``e``; row ``hi - 1`` the segment's total (see the module docstring).
+    """
+    while d < hi - lo:
+        # for i in range(lo + 2 d - 1, hi, 2 d): row i := row (i - d) o row i  (_combine_body)
+        _upsweep_level(af, bf, d, lo, hi, N)
+        d *= 2
+
+
+@njit(cache=True)
+def _downsweep_rows(af, bf, d, last, lo, hi, N):
+    """Blelloch distribute (``b`` half), levels ``d, d/2, ... >= last`` on rows ``[lo, hi)``.
+
+    Row ``hi - 1`` must hold its subtree's prefix already (the identity at the
+    root of the tree; a segment's prefix from the levels above it).
+    """
+    while d >= last:
+        # for i in range(lo + 2 d - 1, hi, 2 d), j = i - d (the end of the left subtree; i is
+        # the parent's row): the left child takes the parent's prefix, xb[j] = xb[i]; the right
+        # child prefix o left total, xb[i] = xa[j] xb[i] + (old) xb[j] (the a half is dead,
+        # see the module doc)
+        _downsweep_level(af, bf, d, lo, hi, N)
+        d //= 2
+
+
+@njit(cache=True)
+def _clear_root(xa, xb, Lp):
+    """Move the total (row ``Lp - 1``) to row ``Lp`` and clear the root's prefix to the identity."""
+    for n in range(xa.shape[1]):
+        xa[Lp, n] = xa[Lp - 1, n]
+        xb[Lp, n] = xb[Lp - 1, n]
+        xb[Lp - 1, n] = 0.0          # the root's prefix: identity (its a is never read)
+
+
+@njit(cache=True)
+def _upsweep(xa, xb, Lp):
     """Blelloch reduce, in place on rows ``0 .. Lp-1`` of ``xa, xb`` ``[Lp+1, N]``.
 
     After it, row ``k 2d - 1`` holds the total of its subtree of ``2d`` rows;
     row ``Lp - 1`` holds the total of everything (see the module docstring).
-    ``d = 8``: levels 1, 2 and 4 are done already (:func:`_fill_first3`).
     """
     N = xa.shape[1]
     af, bf = xa.reshape(-1), xb.reshape(-1)
-    if d == 1 and Lp >= 8:           # levels 1, 2, 4 block by block
-        _upsweep_first3(af, bf, Lp, N)
+    d = 1
+    if Lp >= 8:                      # levels 1, 2, 4 block by block
+        _upsweep_first3(af, bf, 0, Lp, N)
         d = 8
-    while d < Lp:
-        # for i in range(2 d - 1, Lp, 2 d): row i := row (i - d) o row i  (_combine_body)
-        _upsweep_level(af, bf, d, Lp, N)
-        d *= 2
+    _upsweep_rows(af, bf, d, 0, Lp, N)
 
 
 @njit(cache=True)
@@ -685,22 +732,52 @@ def _downsweep(xa, xb, Lp):
     up-sweep's subtree totals, which are all the down-sweep reads.
     """
     N = xa.shape[1]
-    for n in range(N):
-        xa[Lp, n] = xa[Lp - 1, n]
-        xb[Lp, n] = xb[Lp - 1, n]
-        xb[Lp - 1, n] = 0.0          # the root's prefix: identity (its a is never read)
+    _clear_root(xa, xb, Lp)
     af, bf = xa.reshape(-1), xb.reshape(-1)
-    d = Lp // 2
-    last = 8 if Lp >= 8 else 1       # levels 4, 2, 1 then block by block
-    while d >= last:
-        # for i in range(2 d - 1, Lp, 2 d), j = i - d (the end of the left subtree; i is the
-        # parent's row): the left child takes the parent's prefix, xb[j] = xb[i]; the right
-        # child prefix o left total, xb[i] = xa[j] xb[i] + (old) xb[j] (the a half is dead,
-        # see the module doc)
-        _downsweep_level(af, bf, d, Lp, N)
-        d //= 2
-    if Lp >= 8:
-        _downsweep_last3(af, bf, Lp, N)
+    _downsweep_rows(af, bf, Lp // 2, 8 if Lp >= 8 else 1, 0, Lp, N)
+    if Lp >= 8:                      # levels 4, 2, 1 block by block
+        _downsweep_last3(af, bf, 0, Lp, N)
+
+
+#: Bytes of one ``[S, N]`` segment of a scan buffer: the tree is walked a segment at a
+#: time (:func:`_segment_rows`) so that its rows stay in the core's L2 cache.
+SEGMENT_BYTES = 1 << 17
+
+
+@njit(cache=True)
+def _segment_rows(Lp, N, itemsize):
+    """Rows ``S`` of a segment: a power of two, ``8 <= S <= Lp``, ``S N itemsize <=``
+    :data:`SEGMENT_BYTES` where it can be."""
+    S = 8
+    while S < Lp and 2 * S * N * itemsize <= SEGMENT_BYTES:
+        S *= 2
+    return S
+
+
+@njit(cache=True)
+def _sweeps_above(xa, xb, Lp, S):
+    """The tree's levels above its segments of ``S`` rows: up, clear the root, down.
+
+    After each segment's own up-sweep (its total in its last row), this scans
+    the segments' totals: up-sweep levels ``S .. Lp/2``, :func:`_clear_root`,
+    down-sweep levels ``Lp/2 .. S``. Each segment's last row then holds the
+    segment's prefix, from which its own down-sweep continues
+    (:func:`_downsweep_segment`). The same tree and node operations as
+    :func:`_upsweep` then :func:`_downsweep`, walked in another order: the
+    same bits.
+    """
+    N = xa.shape[1]
+    af, bf = xa.reshape(-1), xb.reshape(-1)
+    _upsweep_rows(af, bf, S, 0, Lp, N)
+    _clear_root(xa, xb, Lp)
+    _downsweep_rows(af, bf, Lp // 2, S, 0, Lp, N)
+
+
+@njit(cache=True)
+def _downsweep_segment(af, bf, lo, S, N):
+    """The down-sweep's levels inside the segment of rows ``[lo, lo + S)`` (``S >= 8``)."""
+    _downsweep_rows(af, bf, S // 2, 8, lo, lo + S, N)
+    _downsweep_last3(af, bf, lo, lo + S, N)
 
 
 @njit(cache=True)
@@ -785,16 +862,33 @@ def _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
 
 
 @njit(cache=True)
-def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
-    """Discretise work item ``(b, c)``, fold ``h0`` and scan: ``xb[t + 1] = h[t]``.
+def _read_out(Cf, oC0, sC, bf, yc, lo, hi, L, N):
+    """``yc[r - 1] = C[r - 1] . xb[r]`` (``= C[t] . h[t]``) for the rows ``r`` in
+    ``[lo, hi)`` with ``r <= L``; ``C[t]`` at ``Cf[oC0 + t sC]``."""
+    for r in range(lo, min(hi, L + 1)):
+        yc[r - 1] = _dot(Cf, oC0 + (r - 1) * sC, bf, r * N, N)
+
+
+@njit(cache=True)
+def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC, yc, read):
+    """Discretise work item ``(b, c)``, fold ``h0``, scan (``xb[t + 1] = h[t]``) and,
+    with ``read``, read out ``yc[t] = C[t] . h[t]``.
 
     With ``keep``, ``ab[t] = A_bar[t]`` too. For ``L_pad >= 8`` the discretisation
-    and the first three tree levels are one pass (:func:`_fill_first3`);
-    otherwise :func:`_fill_forward` then :func:`_scan`.
+    and the first three tree levels are one pass (:func:`_fill_first3`), and the
+    tree is walked a segment at a time (:func:`_segment_rows`): each segment's
+    elements and up-sweep, the levels above (:func:`_sweeps_above`), then each
+    segment's down-sweep and the ``y`` of its rows while they are in cache.
+    Otherwise :func:`_fill_forward` then :func:`_scan`.
     """
     L = uc.shape[0]
     N = A.shape[1]
     Lp = xa.shape[0] - 1
+    bC = b if C4.shape[0] > 1 else 0
+    LC, GC = C4.shape[1], C4.shape[2]
+    Cf = C4.reshape(-1)
+    oC0 = (bC * LC * GC + c // gsC) * N            # C[t] at Cf[oC0 + t sC]
+    sC = GC * N if LC > 1 else 0
     if Lp < 8:
         _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
         if keep:
@@ -802,18 +896,32 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
                 for n in range(N):
                     ab[t, n] = xa[t, n]
         _scan(xa, xb, L)
+        if read:
+            _read_out(Cf, oC0, sC, xb.reshape(-1), yc, 1, L + 1, L, N)
         return
     bB = b if B4.shape[0] > 1 else 0
     LB, GB = B4.shape[1], B4.shape[2]
-    args = (A.reshape(-1), c * N, B4.reshape(-1), (bB * LB * GB + c // gsB) * N,
-            GB * N if LB > 1 else 0, dtc, dtBc, uc, h0.reshape(-1), (b * A.shape[0] + c) * N,
-            xa.reshape(-1), xb.reshape(-1), ab.reshape(-1), L, Lp, N)
-    if keep:
-        _fill_first3_keep(*args)
-    else:
-        _fill_first3(*args)
-    _upsweep(xa, xb, Lp, 8)
-    _downsweep(xa, xb, Lp)
+    Af, Bf, h0f, af, bf, abf = (A.reshape(-1), B4.reshape(-1), h0.reshape(-1), xa.reshape(-1),
+                                xb.reshape(-1), ab.reshape(-1))
+    oB0 = (bB * LB * GB + c // gsB) * N
+    sB = GB * N if LB > 1 else 0
+    oh0 = (b * A.shape[0] + c) * N
+    S = _segment_rows(Lp, N, xa.itemsize)
+    for lo in range(0, Lp, S):       # each segment: its elements and its own up-sweep
+        if keep:
+            _fill_first3_keep(Af, c * N, Bf, oB0, sB, dtc, dtBc, uc, h0f, oh0, af, bf, abf, L,
+                              lo, lo + S, N)
+        else:
+            _fill_first3(Af, c * N, Bf, oB0, sB, dtc, dtBc, uc, h0f, oh0, af, bf, abf, L,
+                         lo, lo + S, N)
+        _upsweep_rows(af, bf, 8, lo, lo + S, N)
+    _sweeps_above(xa, xb, Lp, S)
+    for lo in range(0, Lp, S):
+        _downsweep_segment(af, bf, lo, S, N)
+        if read:
+            _read_out(Cf, oC0, sC, bf, yc, max(lo, 1), lo + S, L, N)
+    if read:
+        _read_out(Cf, oC0, sC, bf, yc, Lp, Lp + 1, L, N)
 
 
 #: Channels staged together (one 64-byte line of float64 values per time step).
@@ -827,19 +935,70 @@ def _gather_columns(x, b, c0, nb, out):
     The work items read their inputs along time; straight from ``[batch, L,
     channels]`` that is one cache line and one memory page per step for each
     channel. Read for a block of channels at once, each line and page serves
-    ``nb`` of them.
+    ``nb`` of them. A full block is one straight run of 8 loads per step.
     """
-    for t in range(x.shape[1]):
+    L, C = x.shape[1], x.shape[2]
+    xf = x.reshape(-1)
+    r = (b * L) * C + c0
+    if nb == _CBLK:
+        o0, o1, o2, o3, o4, o5, o6, o7 = (out[0], out[1], out[2], out[3], out[4], out[5],
+                                          out[6], out[7])
+        for t in range(L):
+            o0[t], o1[t], o2[t], o3[t] = xf[r], xf[r + 1], xf[r + 2], xf[r + 3]
+            o4[t], o5[t], o6[t], o7[t] = xf[r + 4], xf[r + 5], xf[r + 6], xf[r + 7]
+            r += C
+        return
+    for t in range(L):
         for l in range(nb):
-            out[l, t] = x[b, t, c0 + l]
+            out[l, t] = xf[r + l]
+        r += C
 
 
 @njit(cache=True)
 def _scatter_columns(src, b, c0, nb, x):
     """``x[b, t, c0 + l] = src[l, t]`` for ``l < nb`` (the inverse of :func:`_gather_columns`)."""
-    for t in range(x.shape[1]):
+    L, C = x.shape[1], x.shape[2]
+    xf = x.reshape(-1)
+    r = (b * L) * C + c0
+    if nb == _CBLK:
+        s0, s1, s2, s3, s4, s5, s6, s7 = (src[0], src[1], src[2], src[3], src[4], src[5],
+                                          src[6], src[7])
+        for t in range(L):
+            xf[r], xf[r + 1], xf[r + 2], xf[r + 3] = s0[t], s1[t], s2[t], s3[t]
+            xf[r + 4], xf[r + 5], xf[r + 6], xf[r + 7] = s4[t], s5[t], s6[t], s7[t]
+            r += C
+        return
+    for t in range(L):
         for l in range(nb):
-            x[b, t, c0 + l] = src[l, t]
+            xf[r + l] = src[l, t]
+        r += C
+
+
+@njit(cache=True)
+def _local_range(t0, t1, Gf, Hf, abf, Af, Bf, dAf, dBf, dCf, dtc, dtBc, uc, dyc, c, oB0, sB,
+                 oC0, sC, L, N):
+    """The local gradient formulas of :func:`refssm.scan.numpy_seq.scan_core_backward`
+    for the steps ``t0 <= t < t1`` of channel ``c``, in increasing ``t``.
+
+    ``G[L - t] = g[t]``, ``H[t] = h[t-1]``, ``abar[t] = A_bar[t]`` (flat
+    ``[Lp + 1, N]`` buffers); ``B[t]``, ``C[t]`` and their float64 accumulators
+    at ``oB0 + t sB``, ``oC0 + t sC``. ``dtc, dtBc, uc`` receive ``d dt, d dtB,
+    d u`` in place.
+    """
+    for t in range(t0, t1):
+        # with g = G[L - t], Bv = B[t], elementwise over n:
+        #   d_dtA = g H[t] abar[t]                      (dL/d(dt A))
+        #   s_dt += d_dtA A[c];   dA[c] += d_dtA dt
+        #   s_dtB += g Bv u;   s_u += g dtB Bv;   dB[t] += g dtB u
+        #   dC[t] += dy H[t + 1]
+        oB = oB0 + t * sB
+        oC = oC0 + t * sC
+        s_dt, s_dtB, s_u = _local_gradients(
+            Gf, (L - t) * N, Hf, t * N, (t + 1) * N, abf, t * N, Af, c * N, Bf, oB,
+            dAf, c * N, dBf, oB, dCf, oC, dtc[t], dtBc[t], uc[t], dyc[t], N)
+        dtc[t] = s_dt                       # d dt, d dtB, d u (in place)
+        dtBc[t] = s_dtB
+        uc[t] = s_u
 
 
 #: Parallel partitions of the work items (fixed, not the thread count: the backward's
@@ -876,21 +1035,16 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D):
     Lp = padded_length(L)
     gsB = channels // B4.shape[2]
     gsC = channels // C4.shape[2]
-    varC = C4.shape[1] > 1
     nblk = (channels + _CBLK - 1) // _CBLK
     W = batch * nblk
     for p in prange(P):
         xa = np.empty((Lp + 1, N), dtype=u.dtype)
         xb = np.empty((Lp + 1, N), dtype=u.dtype)
         cols = np.empty((5, _CBLK, L), dtype=u.dtype)    # u, dt, dtB, y, z of a block
-        xbf = xb.reshape(-1)
-        Cf = C4.reshape(-1)
-        LC, GC = C4.shape[1], C4.shape[2]
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
             c0 = (w - b * nblk) * _CBLK
             nb = min(_CBLK, channels - c0)
-            bC = b if C4.shape[0] > 1 else 0
             _gather_columns(u, b, c0, nb, cols[0])
             _gather_columns(dt, b, c0, nb, cols[1])
             if fl[0] > 0:                                    # the prologue, column by column
@@ -901,13 +1055,8 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D):
             dtB_row = 1 if fl[0] > 0 else 2
             for l in range(nb):
                 c = c0 + l
-                grpC = c // gsC
                 _fill_and_scan(xa, xb, xa, False, cols[0, l], cols[1, l], cols[dtB_row, l], A,
-                               B4, h0, b, c, gsB)
-                yc = cols[3, l]
-                for t in range(L):                               # y[t] = C[t] . h[t]
-                    oC = ((bC * LC + (t if varC else 0)) * GC + grpC) * N
-                    yc[t] = _dot(Cf, oC, xbf, (t + 1) * N, N)
+                               B4, h0, b, c, gsB, C4, gsC, cols[3, l], True)
                 for n in range(N):
                     h_last[b, c, n] = xb[L, n]
             if fl[4] > 0:                                    # the epilogue, column by column
@@ -929,7 +1078,9 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
 
     Per work item, with four ``[Lp + 1, N]`` buffers: (1) forward scan again,
     ``H[t] = h[t-1]`` (``H[0] = h0``), ``abar[t] = a[t]``; (2) adjoint scan in
-    reversed time, ``G[L - t] = g[t]``; (3) the local gradient formulas.
+    reversed time, ``G[L - t] = g[t]``; (3) the local gradient formulas
+    (:func:`_local_range`), a segment at a time right after the adjoint's
+    down-sweep of that segment.
 
     ``fl = [gate?, D?, z?, raw?, softplus?, lo, hi]``: with ``gate``, ``dy``
     holds ``d out`` of :func:`fused_forward`'s epilogue and step (1) also
@@ -964,7 +1115,9 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
         dA = dA_p[p]
         dB = dB_p[p]
         dC = dC_p[p]
-        Gf, Hf, abf = G.reshape(-1), H.reshape(-1), abar.reshape(-1)
+        Gf, Hf, abf, xaf = G.reshape(-1), H.reshape(-1), abar.reshape(-1), xa.reshape(-1)
+        dhf = dh_last.reshape(-1)
+        S = _segment_rows(Lp, N, xa.itemsize)
         dAf, dBf, dCf = dA.reshape(-1), dB.reshape(-1), dC.reshape(-1)
         Af, Bf, C4f = A.reshape(-1), B4.reshape(-1), C4.reshape(-1)
         LB, GB, LC, GC = B4.shape[1], B4.shape[2], C4.shape[1], C4.shape[2]
@@ -993,26 +1146,35 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 grpB = c // gsB
                 grpC = c // gsC
                 # 1. recompute the forward states with the log-depth scan
-                _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
-                if fl[0] > 0:    # the gate: y[t] = C[t] . h[t], then dy (over d out) and dz
+                _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC,
+                               cols[5, l], fl[0] > 0)     # with the gate, y[t] = C[t] . h[t]
+                if fl[0] > 0:    # the gate: dy (over d out) and dz
                     yc = cols[5, l]
-                    for t in range(L):
-                        yc[t] = _dot(C4f, ((bC * LC + (t if varC else 0)) * GC + grpC) * N,
-                                     Hf, (t + 1) * N, N)
                     _column_gate_backward(dyc, 0, yc, 0, uc, 0, cols[4, l], 0, D[c], fl[1],
                                           fl[2], L)
                     if raw:
                         dD_rows[b, c] = _dot(dyc, 0, uc, 0, L)      # sum_t dy u
                 for n in range(N):
                     H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
+                grad_args = (Gf, Hf, abf, Af, Bf, dAf, dBf, dCf, dtc, dtBc, uc, dyc, c,
+                             ((bB * LB) * GB + grpB) * N, GB * N if varB else 0,
+                             ((bC * LC) * GC + grpC) * N, GC * N if varC else 0, L, N)
                 # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
                 #    with dh_last folded into element 0 (whose a is never used: set to 1)
-                if Lp >= 8:      # the elements and the first tree levels in one pass
-                    _adjoint_first3(abf, C4.reshape(-1), (bC * LC * GC + grpC) * N,
-                                    GC * N if varC else 0, dyc, dh_last.reshape(-1),
-                                    (b * channels + c) * N, xa.reshape(-1), Gf, L, Lp, N)
-                    _upsweep(xa, G, Lp, 8)
-                    _downsweep(xa, G, Lp)
+                if Lp >= 8:      # segment by segment: the elements and the up-sweep (as forward)
+                    for lo in range(0, Lp, S):
+                        _adjoint_first3(abf, C4f, (bC * LC * GC + grpC) * N,
+                                        GC * N if varC else 0, dyc, dhf,
+                                        (b * channels + c) * N, xaf, Gf, L, lo, lo + S, N)
+                        _upsweep_rows(xaf, Gf, 8, lo, lo + S, N)
+                    _sweeps_above(xa, G, Lp, S)
+                    # 3. each segment's down-sweep, from the last, then the local gradients of
+                    #    its rows r (t = L - r) while they are in cache: t ascending overall
+                    if L == Lp:                  # row Lp, outside the segments: t = 0
+                        _local_range(0, 1, *grad_args)
+                    for lo in range(Lp - S, -1, -S):
+                        _downsweep_segment(xaf, Gf, lo, S, N)
+                        _local_range(max(L - lo - S + 1, 0), min(L - lo + 1, L), *grad_args)
                 else:
                     tC = L - 1 if varC else 0
                     dyv = dyc[L - 1]
@@ -1027,23 +1189,7 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                             xa[s, n] = abar[t + 1, n]
                             G[s, n] = C4[bC, tC, grpC, n] * dyv
                     _scan(xa, G, L)
-                # 3. the local gradient formulas (numpy_seq.scan_core_backward)
-                for t in range(L):
-                    tB = t if varB else 0
-                    tC = t if varC else 0
-                    # with g = G[L - t], Bv = B4[bB, tB, grpB], elementwise over n:
-                    #   d_dtA = g H[t] abar[t]                      (dL/d(dt A))
-                    #   s_dt += d_dtA A[c];   dA[c] += d_dtA dt
-                    #   s_dtB += g Bv u;   s_u += g dtB Bv;   dB[bB, tB, grpB] += g dtB u
-                    #   dC[bC, tC, grpC] += dy H[t + 1]
-                    oB = ((bB * LB + tB) * GB + grpB) * N
-                    oC = ((bC * LC + tC) * GC + grpC) * N
-                    s_dt, s_dtB, s_u = _local_gradients(
-                        Gf, (L - t) * N, Hf, t * N, (t + 1) * N, abf, t * N, Af, c * N, Bf, oB,
-                        dAf, c * N, dBf, oB, dCf, oC, dtc[t], dtBc[t], uc[t], dyc[t], N)
-                    dtc[t] = s_dt                       # d dt, d dtB, d u (in place)
-                    dtBc[t] = s_dtB
-                    uc[t] = s_u
+                    _local_range(0, L, *grad_args)     # 3. the local gradients
                 for n in range(N):
                     dh0[b, c, n] = abar[0, n] * G[L, n]
                 if raw:          # d delta into dtc, du += dy D (and sum_t d delta)
