@@ -19,6 +19,8 @@ in float32, and the scan and the step call ``.float()`` on ``A_log``, ``B``,
 """
 from __future__ import annotations
 
+import inspect
+
 import contextlib
 
 import numpy as np
@@ -105,14 +107,16 @@ def _run_peer(torch, model, x):
     with torch.no_grad():
         full = model(inputs_embeds=xt, output_hidden_states=True, use_cache=False)
         pre = model(inputs_embeds=xt[:, :PREFILL], use_cache=True)
-        cache = pre.cache_params
+        # transformers 5.24 renamed cache_params to cache (the old name warns until 5.40)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "cache_params"
+        cache = getattr(pre, name)
         layers = range(len(model.layers))
         pre_conv = [cache.get_conv_state(i).clone().numpy() for i in layers]
         pre_ssm = [cache.get_recurrent_state(i).clone().numpy() for i in layers]
         steps = []
         for t in range(PREFILL, PREFILL + STEPS):
-            out = model(inputs_embeds=xt[:, t:t + 1], cache_params=cache, use_cache=True)
-            cache = out.cache_params
+            out = model(inputs_embeds=xt[:, t:t + 1], use_cache=True, **{name: cache})
+            cache = getattr(out, name)
             steps.append(out.last_hidden_state[:, 0].numpy())
     return dict(last=full.last_hidden_state.numpy(),
                 hidden=[h.numpy() for h in full.hidden_states],
