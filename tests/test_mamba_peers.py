@@ -19,9 +19,8 @@ in float32, and the scan and the step call ``.float()`` on ``A_log``, ``B``,
 """
 from __future__ import annotations
 
-import inspect
-
 import contextlib
+import inspect
 
 import numpy as np
 import pytest
