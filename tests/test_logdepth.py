@@ -120,6 +120,32 @@ def test_segmented_walk_is_the_same_tree(dtype):
         assert S * n * size <= max(ld.SEGMENT_BYTES, 8 * n * size)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_without_stored_tree_is_the_same_bits(dtype):
+    """Long sequences are not stored as a tree but recomputed segment by segment, the
+    block's channels side by side (``_forward_block``): the same nodes and operations as
+    the stored tree, so ``y`` and ``h_last`` are the same bits, for a ragged length
+    (padding segments), variable and grouped ``B``/``C`` and an initial state."""
+    rng = np.random.default_rng(8)
+    for seq_len, state, bkind in ((5000, 16, "variable"), (4500, 16, "grouped")):
+        u, dt, dtB, A, B4, C4, h0 = (np.asarray(x, dtype) for x in _core_case(
+            rng, 2, seq_len, 10, state, bkind, bkind, dt_range=(0.01, 0.3)))
+        S, K = ld._scan_rows(seq_len, state, u.itemsize, 0)
+        assert K >= 4 and S * K == ld.padded_length(seq_len) and (K - 1) * S >= seq_len
+        outs = []
+        for tree_bytes in (1 << 40, 0):          # stored tree / recomputed segments
+            y = np.empty_like(u)
+            h_last = np.empty((2, 10, state), dtype)
+            ld._forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, 3, A[:, 0],
+                               np.zeros(7, dtype), u, A[:, 0], tree_bytes)
+            outs.append((y, h_last))
+        assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+    yr, hr, _ = ns.scan_core_forward(*(np.asarray(x, np.float64) for x in
+                                       (u, dt, dtB, A, B4, C4, h0)))
+    tol = BUDGET if dtype == np.float64 else FLOAT32_BUDGET
+    assert normwise_error(outs[1][0], yr) <= tol and normwise_error(outs[1][1], hr) <= tol
+
+
 def test_padded_length():
     assert [ld.padded_length(L) for L in (1, 2, 3, 4, 5, 8, 9, 4097)] == \
         [1, 2, 4, 4, 8, 8, 16, 8192]

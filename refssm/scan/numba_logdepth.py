@@ -102,7 +102,13 @@ formulas, the adjoint's segments from the last so that ``t`` still increases).
 It is the same tree and the same node operations, walked in another order, so
 the same bits (``tests/test_logdepth.py::test_segmented_walk_is_the_same_tree``);
 it matters when ``L_pad`` rows no longer fit in the cache (``seq_len`` 65536:
-8 MiB per buffer).
+8 MiB per buffer). Past :data:`TREE_BYTES` per buffer the forward stores no
+tree at all (:func:`_forward_block`): it computes each segment's elements and
+up-sweep twice, once for the segments' totals and once, after the tree of the
+totals, for the segment's down-sweep, with the block's channels side by side
+so that each segment's rows of ``B`` and ``C`` are read once for all of them
+(same bits again, ``test_forward_without_stored_tree_is_the_same_bits``).
+The backward still stores its four trees.
 
 Precision: no ``fastmath``; the scan runs in the dtype of the inputs
 (float32 or float64); per-step sums over ``state`` and the gradient
@@ -280,16 +286,18 @@ def _block8_intrinsic(name, body):
 def _fill_first3_intrinsic(name, keep_abar):
     """Discretisation, ``fexp``, ``h0`` folding and the up-sweep's levels 1, 2, 4 in one pass.
 
-    ``f(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N)`` (flat 1-D
-    arrays): block by block of 8 rows ``t`` in ``[lo, hi)``, each loaded once: ``xa[t] =
-    fexp(dt[t] A)``, ``xb[t] = (dtB[t] u[t]) B[oB0 + t sB]``, ``xb[0] += xa[0] h0``,
+    ``f(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N, fold)`` (flat
+    1-D arrays): block by block of 8 rows ``t`` in ``[lo, hi)``, each loaded once: ``xa[t] =
+    fexp(dt[t] A)``, ``xb[t] = (dtB[t] u[t]) B[oB0 + t sB]``, ``xb[0] += xa[0] h0`` (if
+    ``fold``),
     then the three lowest tree levels (as :func:`_up8_body`). Rows ``t >= L`` up
     get the identity ``(1, 0)`` (``dt = 0``, ``dtB u = 0``; their ``B``
     row is clamped to ``L - 1``). With ``keep_abar`` the ``A_bar`` rows are also
     stored into ``ab`` (the backward needs them). The 8 rows' ``fexp`` are 8
     independent chains for the core to interleave.
     """
-    def typer(typingctx, A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N):
+    def typer(typingctx, A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N,
+              fold):
         arrays = (A, B, dtc, dtBc, uc, h0, xa, xb, ab)
         for a in arrays:
             if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == A.dtype
@@ -301,9 +309,9 @@ def _fill_first3_intrinsic(name, keep_abar):
             ta = sig.args
             i64 = ir.IntType(64)
             (A_, oA_, B_, oB0_, sB_, dtc_, dtBc_, uc_, h0_, oh0_, xa_, xb_, ab_,
-             L_, lo_, hi_, N_) = args
-            oA_, oB0_, sB_, oh0_, L_, lo_, hi_, N_ = (_i64(b, v) for v in
-                                                      (oA_, oB0_, sB_, oh0_, L_, lo_, hi_, N_))
+             L_, lo_, hi_, N_, fold_) = args
+            oA_, oB0_, sB_, oh0_, L_, lo_, hi_, N_, fold_ = (
+                _i64(b, v) for v in (oA_, oB0_, sB_, oh0_, L_, lo_, hi_, N_, fold_))
             fty = context.get_value_type(ta[0].dtype)
             zero = ir.Constant(fty, 0.0)
             Lm1 = b.sub(L_, ir.Constant(i64, 1))
@@ -313,7 +321,8 @@ def _fill_first3_intrinsic(name, keep_abar):
                 return b.load(b.gep(context.make_array(ta[k])(context, b, arr).data, [i]))
 
             with cgutils.for_range_slice(b, lo_, hi_, c(8)) as (r0, _):
-                first = b.icmp_unsigned("==", r0, c(0))
+                first = b.and_(b.icmp_unsigned("==", r0, c(0)),
+                               b.icmp_unsigned("!=", fold_, c(0)))
                 dts, bus, boffs, roffs = [], [], [], []
                 for r in range(8):
                     t = b.add(r0, c(r))
@@ -346,14 +355,14 @@ def _fill_first3_intrinsic(name, keep_abar):
                                          dts + bus, N_, body, 0)
             return context.get_dummy_value()
 
-        return (types.void(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N),
-                codegen)
+        return (types.void(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N,
+                           fold), codegen)
 
     typer.__name__ = name
     return intrinsic(typer)
 
 
-#: ``_fill_first3(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N)``
+#: ``_fill_first3(A, oA, B, oB0, sB, dtc, dtBc, uc, h0, oh0, xa, xb, ab, L, lo, hi, N, fold)``
 #: (``ab`` unused) and ``_fill_first3_keep``, which stores ``A_bar`` into ``ab``.
 _fill_first3 = _fill_first3_intrinsic("_fill_first3", False)
 _fill_first3_keep = _fill_first3_intrinsic("_fill_first3_keep", True)
@@ -910,10 +919,10 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
     for lo in range(0, Lp, S):       # each segment: its elements and its own up-sweep
         if keep:
             _fill_first3_keep(Af, c * N, Bf, oB0, sB, dtc, dtBc, uc, h0f, oh0, af, bf, abf, L,
-                              lo, lo + S, N)
+                              lo, lo + S, N, 1)
         else:
             _fill_first3(Af, c * N, Bf, oB0, sB, dtc, dtBc, uc, h0f, oh0, af, bf, abf, L,
-                         lo, lo + S, N)
+                         lo, lo + S, N, 1)
         _upsweep_rows(af, bf, 8, lo, lo + S, N)
     _sweeps_above(xa, xb, Lp, S)
     for lo in range(0, Lp, S):
@@ -922,6 +931,104 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
             _read_out(Cf, oC0, sC, bf, yc, max(lo, 1), lo + S, L, N)
     if read:
         _read_out(Cf, oC0, sC, bf, yc, Lp, Lp + 1, L, N)
+
+
+#: Above this many bytes per ``[L_pad, N]`` buffer, the forward does not store the tree
+#: (:func:`_forward_block`): it would not stay in the core's L2 cache.
+TREE_BYTES = 1 << 20
+
+
+@njit(cache=True)
+def _scan_rows(L, N, itemsize, tree_bytes):
+    """``(S, K)``: the rows of the forward's scan buffers and its number of segments;
+    ``(L_pad, 0)`` when it stores the whole tree (``L_pad N itemsize <= tree_bytes``,
+    :data:`TREE_BYTES`), else ``K`` segments of ``S`` rows (:func:`_forward_block`)."""
+    Lp = padded_length(L)
+    S = _segment_rows(Lp, N, itemsize)
+    if S >= Lp or Lp * N * itemsize <= tree_bytes:
+        return Lp, 0
+    return S, Lp // S
+
+
+@njit(cache=True)
+def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4, gsC, h_last):
+    """The forward of the ``nb`` channels ``c0 + l`` of a block: ``cols[3, l, t] = C[t] . h[t]``,
+    ``h_last[b, c0 + l] = h[L - 1]`` (``cols[0]``, ``cols[1]``, ``cols[dtB_row]``: ``u``,
+    ``dt``, ``dtB``).
+
+    When the tree is small (``Ta`` has one row), channel by channel
+    :func:`_fill_and_scan` in ``xa, xb`` ``[L_pad + 1, N]``. Otherwise ``xa,
+    xb`` hold one segment (``[S + 1, N]``) and ``Ta, Tb`` ``[8, K + 1, N]``
+    the segments' totals; no tree is stored, and each segment's rows of ``B``
+    and ``C`` serve the block's channels one after the other while in cache
+    (at ``seq_len`` 65536 they are 8 MiB each, read once per channel otherwise):
+
+    1. each segment, each channel: elements and up-sweep (:func:`_fill_first3`,
+       :func:`_upsweep_rows`); its total (last row) to ``Ta, Tb``;
+    2. each channel, the tree of its totals, up and down (:func:`_upsweep`,
+       :func:`_downsweep`): ``Tb[l, k]`` is then segment ``k``'s prefix,
+       ``Tb[l, K]`` the total;
+    3. each segment, each channel again: the same elements and up-sweep, the
+       prefix into the segment's last row, its down-sweep
+       (:func:`_downsweep_segment`), ``y`` of its rows.
+
+    Steps 1-2 are the whole tree's up-sweep and levels above the segments,
+    step 3 its segments' down-sweeps: the same nodes and operations as
+    :func:`_fill_and_scan`, so the same bits, for twice the elements and
+    up-sweeps.
+    """
+    L = cols.shape[2]
+    N = A.shape[1]
+    K = Ta.shape[1] - 1
+    if K == 0:
+        for l in range(nb):
+            _fill_and_scan(xa, xb, xa, False, cols[0, l], cols[1, l], cols[dtB_row, l], A, B4,
+                           h0, b, c0 + l, gsB, C4, gsC, cols[3, l], True)
+            for n in range(N):
+                h_last[b, c0 + l, n] = xb[L, n]
+        return
+    S = xa.shape[0] - 1
+    bB = b if B4.shape[0] > 1 else 0
+    bC = b if C4.shape[0] > 1 else 0
+    LB, GB, LC, GC = B4.shape[1], B4.shape[2], C4.shape[1], C4.shape[2]
+    sB = GB * N if LB > 1 else 0
+    sC = GC * N if LC > 1 else 0
+    Af, Bf, Cf, h0f = A.reshape(-1), B4.reshape(-1), C4.reshape(-1), h0.reshape(-1)
+    af, bf = xa.reshape(-1), xb.reshape(-1)
+    for step in range(2):
+        for k in range(K):
+            lo = k * S
+            for l in range(nb):
+                c = c0 + l
+                if lo >= L:              # all padding: the identity, exactly
+                    if step == 0:
+                        for n in range(N):
+                            Ta[l, k, n] = 1.0
+                            Tb[l, k, n] = 0.0
+                    continue
+                _fill_first3(Af, c * N, Bf, (bB * LB * GB + c // gsB) * N + lo * sB, sB,
+                             cols[1, l, lo:], cols[dtB_row, l, lo:], cols[0, l, lo:], h0f,
+                             (b * A.shape[0] + c) * N, af, bf, af, L - lo, 0, S, N,
+                             1 if k == 0 else 0)
+                _upsweep_rows(af, bf, 8, 0, S, N)
+                if step == 0:
+                    for n in range(N):
+                        Ta[l, k, n] = xa[S - 1, n]
+                        Tb[l, k, n] = xb[S - 1, n]
+                    continue
+                for n in range(N):
+                    xb[S - 1, n] = Tb[l, k, n]       # the segment's prefix
+                    xb[S, n] = Tb[l, k + 1, n]       # the next one's: h at its last row
+                _downsweep_segment(af, bf, 0, S, N)
+                _read_out(Cf, (bC * LC * GC + c // gsC) * N + lo * sC, sC, bf, cols[3, l, lo:],
+                          1, S + 1, L - lo, N)
+                if L - lo <= S:
+                    for n in range(N):
+                        h_last[b, c, n] = xb[L - lo, n]
+        if step == 0:
+            for l in range(nb):
+                _upsweep(Ta[l], Tb[l], K)
+                _downsweep(Ta[l], Tb[l], K)
 
 
 #: Channels staged together (one 64-byte line of float64 values per time step).
@@ -1012,15 +1119,16 @@ def _partitions(work):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D):
+def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tree_bytes):
     """Fill ``y`` ``[batch, L, channels]`` and ``h_last`` ``[batch, channels, N]``.
 
     Work items are blocks ``w = b * nblk + k`` of :data:`_CBLK` channels;
     partition ``p`` of ``P`` takes ``[p W / P, (p+1) W / P)``. Per block: its
-    ``u, dt, dtB`` are staged along time (:func:`_gather_columns`); per
-    channel: discretise and scan (:func:`_fill_and_scan`), read
-    out ``y[t] = C[t] . h[t]`` with ``h[t] = xb[t+1]``; then the block's
-    ``y`` goes back (:func:`_scatter_columns`).
+    ``u, dt, dtB`` are staged along time (:func:`_gather_columns`); its
+    channels are discretised and scanned, and ``y[t] = C[t] . h[t]`` read out
+    (:func:`_forward_block`: the tree stored when ``L_pad N itemsize <=
+    tree_bytes``, else recomputed segment by segment); then the block's ``y``
+    goes back (:func:`_scatter_columns`).
 
     ``fl = [raw?, softplus?, lo, hi, epilogue?, D?, z?]``: when ``raw``,
     ``dt`` holds the raw ``delta`` and each staged column becomes
@@ -1032,14 +1140,16 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D):
     """
     batch, L, channels = u.shape
     N = A.shape[1]
-    Lp = padded_length(L)
     gsB = channels // B4.shape[2]
     gsC = channels // C4.shape[2]
     nblk = (channels + _CBLK - 1) // _CBLK
     W = batch * nblk
+    S, K = _scan_rows(L, N, u.itemsize, tree_bytes)
     for p in prange(P):
-        xa = np.empty((Lp + 1, N), dtype=u.dtype)
-        xb = np.empty((Lp + 1, N), dtype=u.dtype)
+        xa = np.empty((S + 1, N), dtype=u.dtype)         # the tree, or one segment of it
+        xb = np.empty((S + 1, N), dtype=u.dtype)
+        Ta = np.empty((_CBLK, K + 1, N), dtype=u.dtype)  # the segments' totals
+        Tb = np.empty((_CBLK, K + 1, N), dtype=u.dtype)
         cols = np.empty((5, _CBLK, L), dtype=u.dtype)    # u, dt, dtB, y, z of a block
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
@@ -1052,13 +1162,8 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D):
                     _column_prologue(cols[1, l], 0, bias[c0 + l], fl[1], fl[2], fl[3], L)
             else:
                 _gather_columns(dtB, b, c0, nb, cols[2])
-            dtB_row = 1 if fl[0] > 0 else 2
-            for l in range(nb):
-                c = c0 + l
-                _fill_and_scan(xa, xb, xa, False, cols[0, l], cols[1, l], cols[dtB_row, l], A,
-                               B4, h0, b, c, gsB, C4, gsC, cols[3, l], True)
-                for n in range(N):
-                    h_last[b, c, n] = xb[L, n]
+            _forward_block(xa, xb, Ta, Tb, cols, 1 if fl[0] > 0 else 2, nb, A, B4, h0, b, c0,
+                           gsB, C4, gsC, h_last)
             if fl[4] > 0:                                    # the epilogue, column by column
                 if fl[6] > 0:
                     _gather_columns(z, b, c0, nb, cols[4])
@@ -1267,7 +1372,7 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last,
                     _partitions(batch * -(-channels // _CBLK)), A[:, 0], np.zeros(7, u.dtype),
-                    u, A[:, 0])
+                    u, A[:, 0], TREE_BYTES)
     return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
 
 
@@ -1319,7 +1424,7 @@ def fused_forward(u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, out, h_last,
                     _partitions(batch * -(-channels // _CBLK)), bias, fl,
                     u if z is None else np.ascontiguousarray(z, dtype=u.dtype),
-                    zero if D is None else np.ascontiguousarray(D, dtype=u.dtype))
+                    zero if D is None else np.ascontiguousarray(D, dtype=u.dtype), TREE_BYTES)
     saved = LogDepthSaved(u, None if raw else dt, None if raw else dtB, A, B4, C4, h0)
     return out, h_last, saved
 
