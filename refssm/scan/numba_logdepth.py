@@ -1451,29 +1451,51 @@ def scan_core_backward(dy, dh_last, saved: LogDepthSaved):
     u, dt, dtB, A, B4, C4, h0 = saved
     dtype = u.dtype
     dy = np.ascontiguousarray(dy, dtype=dtype)
-    if dh_last is None:
-        dh_last = np.zeros_like(h0)
-    dh_last = np.ascontiguousarray(dh_last, dtype=dtype)
+    dh_last = _dh_last(dh_last, h0)
     if dy.shape != u.shape or dh_last.shape != h0.shape:
         raise ValueError(f"dy, dh_last: expected {u.shape} and {h0.shape}, got {dy.shape} "
                          f"and {dh_last.shape}")
+    ddtB = np.empty_like(u)
+    du, ddt, g = _run_backward(dy, dh_last, u, dt, dtB, A, B4, C4, h0, np.zeros(7, dtype),
+                               u, A[:, 0], A[:, 0], ddtB, None, None)
+    del g["dD_rows"], g["db_rows"]
+    g.update(u=du, dt=ddt, dtB=ddtB)
+    return g
+
+
+def _dh_last(dh_last, h0):
+    """``dh_last`` in ``h0``'s dtype, C-contiguous; zeros when None."""
+    return np.zeros_like(h0) if dh_last is None else np.ascontiguousarray(dh_last, h0.dtype)
+
+
+def _run_backward(dy, dh_last, u, dt, dtB, A, B4, C4, h0, fl, z, D, bias, ddtB, dy_out, dz):
+    """:func:`_backward_kernel` with the rest of its outputs allocated, and its
+    per-partition sums added up.
+
+    Returns ``du``, ``ddt`` and a dict with ``A``, ``B4``, ``C4`` (summed
+    over the partitions: private float64 accumulators, even for float32
+    inputs, since they are sums of up to ``batch x seq_len x channels``
+    terms), ``h0`` and the rows ``dD_rows``, ``db_rows`` ``[batch,
+    channels]`` of the fused backward's finish (zeros otherwise). The outputs
+    ``ddtB``, ``dy_out``, ``dz`` that ``fl`` leaves unwritten may be None.
+    """
     batch, _, channels = u.shape
     P = _partitions(batch * -(-channels // _CBLK))
     du = np.empty_like(u)
+    ddtB, dy_out, dz = (du if x is None else x for x in (ddtB, dy_out, dz))   # placeholders
     ddt = np.empty_like(u)
-    ddtB = np.empty_like(u)
     dh0 = np.empty_like(h0)
-    # private per-partition accumulators, float64 even for float32 inputs (these
-    # are sums of up to batch * seq_len * channels terms)
     dA_p = np.zeros((P,) + A.shape)
     dB_p = np.zeros((P,) + B4.shape)
     dC_p = np.zeros((P,) + C4.shape)
-    _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
-                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P, np.zeros(7, dtype), u, A[:, 0],
-                     du, du, A[:, 0], dh0[:, :, 0], dh0[:, :, 0])
-    return {"u": du, "dt": ddt, "dtB": ddtB, "A": dA_p.sum(axis=0).astype(dtype),
-            "B4": dB_p.sum(axis=0).astype(dtype), "C4": dC_p.sum(axis=0).astype(dtype),
-            "h0": dh0}
+    dD_rows = np.zeros((batch, channels), u.dtype)
+    db_rows = np.zeros((batch, channels), u.dtype)
+    _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0, du, ddt, ddtB, dh0, dA_p, dB_p,
+                     dC_p, P, fl, z, D, dy_out, dz, bias, dD_rows, db_rows)
+    dtype = u.dtype
+    return du, ddt, {"A": dA_p.sum(axis=0).astype(dtype), "B4": dB_p.sum(axis=0).astype(dtype),
+                     "C4": dC_p.sum(axis=0).astype(dtype), "h0": dh0, "dD_rows": dD_rows,
+                     "db_rows": db_rows}
 
 
 def fused_backward(d_out, dh_last, saved: LogDepthSaved, D, z, delta=None, delta_bias=None,
@@ -1503,38 +1525,25 @@ def fused_backward(d_out, dh_last, saved: LogDepthSaved, D, z, delta=None, delta
         raise ValueError("fused_backward: pass delta, or saved values with dt and dtB")
     dtype = u.dtype
     d_out = np.ascontiguousarray(d_out, dtype=dtype)
-    if dh_last is None:
-        dh_last = np.zeros_like(h0)
-    dh_last = np.ascontiguousarray(dh_last, dtype=dtype)
+    dh_last = _dh_last(dh_last, h0)
     if d_out.shape != u.shape or dh_last.shape != h0.shape or dt.shape != u.shape:
         raise ValueError(f"d_out, dh_last, delta: expected {u.shape}, {h0.shape} and "
                          f"{u.shape}, got {d_out.shape}, {dh_last.shape} and {dt.shape}")
-    batch, _, channels = u.shape
-    P = _partitions(batch * -(-channels // _CBLK))
-    du = np.empty_like(u)
-    ddt = np.empty_like(u)
-    ddtB = du if raw else np.empty_like(u)
-    dy = du if raw else np.empty_like(u)
+    ddtB = None if raw else np.empty_like(u)       # None: not written (see _run_backward)
+    dy = None if raw else np.empty_like(u)
     dz = np.empty_like(u) if z is not None else None
-    dh0 = np.empty_like(h0)
-    dA_p = np.zeros((P,) + A.shape)
-    dB_p = np.zeros((P,) + B4.shape)
-    dC_p = np.zeros((P,) + C4.shape)
-    zero = np.zeros(channels, dtype)
+    zero = np.zeros(u.shape[2], dtype)
     lo, hi = delta_clip if delta_clip is not None else (-np.inf, np.inf)
     fl = np.array([1.0, D is not None, z is not None, raw, bool(delta_softplus), lo, hi],
                   dtype=dtype)
-    dD_rows = np.zeros((batch, channels), dtype)
-    db_rows = np.zeros((batch, channels), dtype)
-    _backward_kernel(d_out, dh_last, u, dt, dtB, A, B4, C4, h0,
-                     du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P, fl,
-                     u if z is None else np.ascontiguousarray(z, dtype=dtype),
-                     zero if D is None else np.ascontiguousarray(D, dtype=dtype),
-                     dy, du if dz is None else dz,
-                     zero if delta_bias is None else np.ascontiguousarray(delta_bias, dtype=dtype),
-                     dD_rows, db_rows)
-    g = {"A": dA_p.sum(axis=0).astype(dtype), "B4": dB_p.sum(axis=0).astype(dtype),
-         "C4": dC_p.sum(axis=0).astype(dtype), "h0": dh0, "dz": dz}
+    du, ddt, g = _run_backward(
+        d_out, dh_last, u, dt, dtB, A, B4, C4, h0, fl,
+        u if z is None else np.ascontiguousarray(z, dtype=dtype),
+        zero if D is None else np.ascontiguousarray(D, dtype=dtype),
+        zero if delta_bias is None else np.ascontiguousarray(delta_bias, dtype=dtype),
+        ddtB, dy, dz)
+    dD_rows, db_rows = g.pop("dD_rows"), g.pop("db_rows")
+    g["dz"] = dz
     if raw:
         g.update(u=du, delta=ddt, D=dD_rows.sum(axis=0), delta_bias=db_rows.sum(axis=0))
     else:
