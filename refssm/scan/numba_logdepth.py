@@ -934,9 +934,10 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
 
 
 #: Above this many bytes per ``[L_pad, N]`` buffer, the forward does not store the tree
-#: (:func:`_forward_block`). Measured at W4 (seq_len 65536, state 16, 2 threads): with
-#: float64's 8 MiB buffers recomputing was ~12% faster than storing; with float32's
-#: 4 MiB, 5-10% slower (its elements cost relatively more to compute again).
+#: (:func:`_forward_block`). Measured at W4 (seq_len 65536, state 16, 2 threads), in
+#: alternating runs: with float64's 8 MiB buffers recomputing was 2-12% faster than
+#: storing; with float32's 4 MiB, 5-10% slower (its elements cost relatively more to
+#: compute again).
 TREE_BYTES = 1 << 22
 
 
