@@ -755,8 +755,9 @@ SEGMENT_BYTES = 1 << 17
 
 @njit(cache=True)
 def _segment_rows(Lp, N, itemsize):
-    """Rows ``S`` of a segment: a power of two, ``8 <= S <= Lp``, ``S N itemsize <=``
-    :data:`SEGMENT_BYTES` where it can be."""
+    """Rows ``S`` of a segment: a power of two, ``8 <= S <= max(Lp, 8)``, ``S N itemsize
+    <=`` :data:`SEGMENT_BYTES` where it can be (trees of ``Lp < 8`` rows are not
+    segmented: their callers take another path)."""
     S = 8
     while S < Lp and 2 * S * N * itemsize <= SEGMENT_BYTES:
         S *= 2
