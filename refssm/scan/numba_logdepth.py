@@ -88,9 +88,10 @@ reversed-time elements), the down-sweep's block by block
 (:func:`_downsweep_last3`), each block's rows loaded and stored once. Each
 element and tree node is computed by the same operations as the operator
 above (``_combine_body``), in the same tree: the order of rounding is the
-algorithm's. :func:`prologue_forward` applies Mamba's prologue
-(``clip(softplus(delta + bias))``) to each staged column instead of reading
-a stored ``dt``.
+algorithm's. :func:`fused_forward` applies Mamba's prologue
+(``clip(softplus(delta + bias))``) and epilogue (``(y + D u) silu(z)``) to
+each staged column instead of reading a stored ``dt`` or writing ``y``;
+:func:`fused_backward` does the same for their backward.
 
 Cache: a tree of ``L_pad`` rows is walked a *segment* of ``S`` rows at a time
 (``S N itemsize <=`` :data:`SEGMENT_BYTES`, :func:`_segment_rows`): each
@@ -847,6 +848,16 @@ def linear_scan(a, b):
 # --------------------------------------------------------------------------
 
 @njit(cache=True)
+def _bc_rows(M4, b, c, gs, N):
+    """``(o0, s)``: work item ``(b, c)``'s row of ``M4`` (``B4`` or ``C4``, ``[bM, LM, G,
+    N]``, ``gs`` channels per group) at time ``t`` starts at ``o0 + t s`` of the flat
+    array (``s = 0`` when constant over time; batch 0 when shared over batch)."""
+    bM = b if M4.shape[0] > 1 else 0
+    LM, GM = M4.shape[1], M4.shape[2]
+    return (bM * LM * GM + c // gs) * N, (GM * N if LM > 1 else 0)
+
+
+@njit(cache=True)
 def _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
     """Discretise work item ``(b, c)`` into rows ``0 .. L-1``; fold ``h0`` into row 0.
 
@@ -858,14 +869,10 @@ def _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB):
     """
     L = uc.shape[0]
     N = A.shape[1]
-    bB = b if B4.shape[0] > 1 else 0
-    LB = B4.shape[1]
-    GB = B4.shape[2]
-    grp = c // gsB
+    oB0, sB = _bc_rows(B4, b, c, gsB, N)
     Af, Bf, af, bf = A.reshape(-1), B4.reshape(-1), xa.reshape(-1), xb.reshape(-1)
-    # for each t: xa[t] = dt[t] A[c], xb[t] = (dtB[t] u[t]) B4[bB, t, grp]
-    _discretize_rows(Af, c * N, Bf, (bB * LB * GB + grp) * N, GB * N if LB > 1 else 0,
-                     dtc, dtBc, uc, af, bf, L, N)
+    # for each t: xa[t] = dt[t] A[c], xb[t] = (dtB[t] u[t]) B[t]
+    _discretize_rows(Af, c * N, Bf, oB0, sB, dtc, dtBc, uc, af, bf, L, N)
     _fexp_inplace(af, L * N)
     for n in range(N):
         xb[0, n] += xa[0, n] * h0[b, c, n]
@@ -894,11 +901,8 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
     L = uc.shape[0]
     N = A.shape[1]
     Lp = xa.shape[0] - 1
-    bC = b if C4.shape[0] > 1 else 0
-    LC, GC = C4.shape[1], C4.shape[2]
     Cf = C4.reshape(-1)
-    oC0 = (bC * LC * GC + c // gsC) * N            # C[t] at Cf[oC0 + t sC]
-    sC = GC * N if LC > 1 else 0
+    oC0, sC = _bc_rows(C4, b, c, gsC, N)           # C[t] at Cf[oC0 + t sC]
     if Lp < 8:
         _fill_forward(xa, xb, uc, dtc, dtBc, A, B4, h0, b, c, gsB)
         if keep:
@@ -909,12 +913,9 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
         if read:
             _read_out(Cf, oC0, sC, xb.reshape(-1), yc, 1, L + 1, L, N)
         return
-    bB = b if B4.shape[0] > 1 else 0
-    LB, GB = B4.shape[1], B4.shape[2]
     Af, Bf, h0f, af, bf, abf = (A.reshape(-1), B4.reshape(-1), h0.reshape(-1), xa.reshape(-1),
                                 xb.reshape(-1), ab.reshape(-1))
-    oB0 = (bB * LB * GB + c // gsB) * N
-    sB = GB * N if LB > 1 else 0
+    oB0, sB = _bc_rows(B4, b, c, gsB, N)
     oh0 = (b * A.shape[0] + c) * N
     S = _segment_rows(Lp, N, xa.itemsize)
     for lo in range(0, Lp, S):       # each segment: its elements and its own up-sweep
@@ -992,11 +993,6 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
                 h_last[b, c0 + l, n] = xb[L, n]
         return
     S = xa.shape[0] - 1
-    bB = b if B4.shape[0] > 1 else 0
-    bC = b if C4.shape[0] > 1 else 0
-    LB, GB, LC, GC = B4.shape[1], B4.shape[2], C4.shape[1], C4.shape[2]
-    sB = GB * N if LB > 1 else 0
-    sC = GC * N if LC > 1 else 0
     Af, Bf, Cf, h0f = A.reshape(-1), B4.reshape(-1), C4.reshape(-1), h0.reshape(-1)
     af, bf = xa.reshape(-1), xb.reshape(-1)
     for step in range(2):
@@ -1004,13 +1000,15 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
             lo = k * S
             for l in range(nb):
                 c = c0 + l
+                oB0, sB = _bc_rows(B4, b, c, gsB, N)
+                oC0, sC = _bc_rows(C4, b, c, gsC, N)
                 if lo >= L:              # all padding: the identity, exactly
                     if step == 0:
                         for n in range(N):
                             Ta[l, k, n] = 1.0
                             Tb[l, k, n] = 0.0
                     continue
-                _fill_first3(Af, c * N, Bf, (bB * LB * GB + c // gsB) * N + lo * sB, sB,
+                _fill_first3(Af, c * N, Bf, oB0 + lo * sB, sB,
                              cols[1, l, lo:], cols[dtB_row, l, lo:], cols[0, l, lo:], h0f,
                              (b * A.shape[0] + c) * N, af, bf, af, L - lo, 0, S, N,
                              1 if k == 0 else 0)
@@ -1024,8 +1022,7 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
                     xb[S - 1, n] = Tb[l, k, n]       # the segment's prefix
                     xb[S, n] = Tb[l, k + 1, n]       # the next one's: h at its last row
                 _downsweep_segment(af, bf, 0, S, N)
-                _read_out(Cf, (bC * LC * GC + c // gsC) * N + lo * sC, sC, bf, cols[3, l, lo:],
-                          1, S + 1, L - lo, N)
+                _read_out(Cf, oC0 + lo * sC, sC, bf, cols[3, l, lo:], 1, S + 1, L - lo, N)
                 if L - lo <= S:
                     for n in range(N):
                         h_last[b, c, n] = xb[L - lo, n]
@@ -1207,8 +1204,6 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     Lp = padded_length(L)
     gsB = channels // B4.shape[2]
     gsC = channels // C4.shape[2]
-    varB = B4.shape[1] > 1
-    varC = C4.shape[1] > 1
     nblk = (channels + _CBLK - 1) // _CBLK
     W = batch * nblk
     for p in prange(P):
@@ -1229,7 +1224,6 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
         S = _segment_rows(Lp, N, xa.itemsize)
         dAf, dBf, dCf = dA.reshape(-1), dB.reshape(-1), dC.reshape(-1)
         Af, Bf, C4f = A.reshape(-1), B4.reshape(-1), C4.reshape(-1)
-        LB, GB, LC, GC = B4.shape[1], B4.shape[2], C4.shape[1], C4.shape[2]
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
             c0 = (w - b * nblk) * _CBLK
@@ -1250,10 +1244,8 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                     dtc[:] = cols[6, l]
                     _column_prologue(dtc, 0, bias[c], fl[4], fl[5], fl[6], L)
                     dtBc[:] = dtc
-                bB = b if B4.shape[0] > 1 else 0
-                bC = b if C4.shape[0] > 1 else 0
-                grpB = c // gsB
-                grpC = c // gsC
+                oB0, sB = _bc_rows(B4, b, c, gsB, N)
+                oC0, sC = _bc_rows(C4, b, c, gsC, N)
                 # 1. recompute the forward states with the log-depth scan
                 _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC,
                                cols[5, l], fl[0] > 0)     # with the gate, y[t] = C[t] . h[t]
@@ -1266,15 +1258,13 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 for n in range(N):
                     H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
                 grad_args = (Gf, Hf, abf, Af, Bf, dAf, dBf, dCf, dtc, dtBc, uc, dyc, c,
-                             ((bB * LB) * GB + grpB) * N, GB * N if varB else 0,
-                             ((bC * LC) * GC + grpC) * N, GC * N if varC else 0, L, N)
+                             oB0, sB, oC0, sC, L, N)
                 # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
                 #    with dh_last folded into element 0 (whose a is never used: set to 1)
                 if Lp >= 8:      # segment by segment: the elements and the up-sweep (as forward)
                     for lo in range(0, Lp, S):
-                        _adjoint_first3(abf, C4f, (bC * LC * GC + grpC) * N,
-                                        GC * N if varC else 0, dyc, dhf,
-                                        (b * channels + c) * N, xaf, Gf, L, lo, lo + S, N)
+                        _adjoint_first3(abf, C4f, oC0, sC, dyc, dhf, (b * channels + c) * N,
+                                        xaf, Gf, L, lo, lo + S, N)
                         _upsweep_rows(xaf, Gf, 8, lo, lo + S, N)
                     _sweeps_above(xa, G, Lp, S)
                     # 3. each segment's down-sweep, from the last, then the local gradients of
@@ -1285,18 +1275,18 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                         _downsweep_segment(xaf, Gf, lo, S, N)
                         _local_range(max(L - lo - S + 1, 0), min(L - lo + 1, L), *grad_args)
                 else:
-                    tC = L - 1 if varC else 0
+                    oC = oC0 + (L - 1) * sC
                     dyv = dyc[L - 1]
                     for n in range(N):
                         xa[0, n] = 1.0
-                        G[0, n] = C4[bC, tC, grpC, n] * dyv + dh_last[b, c, n]
+                        G[0, n] = C4f[oC + n] * dyv + dh_last[b, c, n]
                     for s in range(1, L):
                         t = L - 1 - s
-                        tC = t if varC else 0
+                        oC = oC0 + t * sC
                         dyv = dyc[t]
                         for n in range(N):
                             xa[s, n] = abar[t + 1, n]
-                            G[s, n] = C4[bC, tC, grpC, n] * dyv
+                            G[s, n] = C4f[oC + n] * dyv
                     _scan(xa, G, L)
                     _local_range(0, L, *grad_args)     # 3. the local gradients
                 for n in range(N):
