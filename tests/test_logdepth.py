@@ -115,7 +115,7 @@ def test_segmented_walk_is_the_same_tree(dtype):
     for S in (8, 16, 32, 64, 128, 256):
         assert np.array_equal(_segmented_scan(a, b, S), whole), S
     for L, n, size in ((8, 16, 8), (4096, 16, 8), (1 << 16, 16, 8), (1 << 16, 1, 4)):
-        S = ld._segment_rows(L, n, size)
+        S = ld._segment_rows(L, n, size, ld.SEGMENT_BYTES)
         assert 8 <= S <= L and S & (S - 1) == 0
         assert S * n * size <= max(ld.SEGMENT_BYTES, 8 * n * size)
 
@@ -130,7 +130,7 @@ def test_forward_without_stored_tree_is_the_same_bits(dtype):
     for seq_len, state, bkind in ((5000, 16, "variable"), (4500, 16, "grouped")):
         u, dt, dtB, A, B4, C4, h0 = (np.asarray(x, dtype) for x in _core_case(
             rng, 2, seq_len, 10, state, bkind, bkind, dt_range=(0.01, 0.3)))
-        S, K = ld._scan_rows(seq_len, state, u.itemsize, 0)
+        S, K = ld._scan_rows(seq_len, state, u.itemsize, 0, ld.SEGMENT_BYTES)
         assert K >= 4 and S * K == ld.padded_length(seq_len) and (K - 1) * S >= seq_len
         outs = []
         for tree_bytes in (1 << 40, 0):          # stored tree / recomputed segments
@@ -144,6 +144,46 @@ def test_forward_without_stored_tree_is_the_same_bits(dtype):
                                        (u, dt, dtB, A, B4, C4, h0)))
     tol = BUDGET if dtype == np.float64 else FLOAT32_BUDGET
     assert normwise_error(outs[1][0], yr) <= tol and normwise_error(outs[1][1], hr) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_backward_without_stored_trees_is_the_same_bits(dtype, monkeypatch):
+    """Long sequences' backward stores no tree but recomputes both trees segment by
+    segment, the block's channels side by side (``_backward_block``): the same nodes,
+    and the gradients summed in the same order, so the same bits as the stored trees'
+    backward, for ragged lengths (padding segments), segments that are not the
+    default's, variable and grouped ``B``/``C``, ``h0`` and ``dh_last``; through the
+    core and through the fused gate and prologue."""
+    rng = np.random.default_rng(9)
+    for seq_len, state, bkind, seg_bytes in ((333, 16, "variable", 1), (1000, 5, "grouped", 1),
+                                             (4500, 16, "variable", ld.BACKWARD_SEGMENT_BYTES)):
+        u, dt, dtB, A, B4, C4, h0 = _core_case(rng, 2, seq_len, 10, state, bkind, bkind,
+                                                dt_range=(0.01, 0.3), dtype=dtype)
+        delta = rng.standard_normal(u.shape).astype(dtype)
+        z = rng.standard_normal(u.shape).astype(dtype)
+        D, bias = (rng.standard_normal(10).astype(dtype) for _ in range(2))
+        dy = rng.standard_normal(u.shape).astype(dtype)
+        dh = rng.standard_normal(h0.shape).astype(dtype)
+        _, _, saved = ld.scan_core_forward(u, dt, dtB, A, B4, C4, h0)
+        _, _, fsaved = ld.fused_forward(u, delta, bias, True, (0.001, 0.2), A, B4, C4, h0, D, z)
+        monkeypatch.setattr(ld, "BACKWARD_SEGMENT_BYTES", seg_bytes)
+        S, K = ld._scan_rows(seq_len, state, u.itemsize, 0, seg_bytes)
+        assert K >= 4 and (K - 1) * S >= seq_len      # segments, some all padding
+        runs = []
+        for tree_bytes in (1 << 40, 0):              # stored trees / recomputed segments
+            monkeypatch.setattr(ld, "BACKWARD_TREE_BYTES", tree_bytes)
+            runs.append((ld.scan_core_backward(dy, dh, saved),
+                         ld.fused_backward(dy, dh, fsaved, D, z, delta, bias, True,
+                                           (0.001, 0.2))))
+        for stored, recomputed in zip(*runs):
+            assert stored.keys() == recomputed.keys()
+            for k in stored:
+                assert np.array_equal(stored[k], recomputed[k]), (seq_len, k)
+    gr = ns.scan_core_backward(dy.astype(np.float64), dh.astype(np.float64), ns.scan_core_forward(
+        *(np.asarray(x, np.float64) for x in (u, dt, dtB, A, B4, C4, h0)))[2])
+    tol = BUDGET if dtype == np.float64 else FLOAT32_BUDGET
+    for k in GRAD_KEYS:
+        assert normwise_error(runs[1][0][k], gr[k]) <= tol, k
 
 
 def test_padded_length():

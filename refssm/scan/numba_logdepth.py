@@ -55,9 +55,13 @@ it) but never the ``a`` of a prefix: those products would be dead values.
 
 Backward: the adjoint ``g[t] = dL/dh[t]`` obeys
 ``g[t] = a[t+1] g[t+1] + C[t] dy[t]`` with ``g[L-1] = C[L-1] dy[L-1] + dh_last``,
-the same linear recurrence in reversed time ``s = L-1-t``: element ``s`` is
-``(a[t+1], C[t] dy[t])`` (``dh_last`` folded into element 0), run through the
-same scan. The forward states are recomputed inside the backward (one more
+the same linear recurrence in reversed time ``s = L_pad-1-t``: element ``s`` is
+``(a[t+1], C[t] dy[t])``, ``dh_last`` folded into that of ``t = L-1`` (whose
+``a`` is never used: set to 1), and the ``L_pad - L`` elements before it the
+identity. Padded at the start (the forward's padding is at the end), the
+adjoint's row of step ``t`` lies in the segment that mirrors the forward's
+segment of ``t`` (see below), and ``g[t]`` is row ``L_pad - t`` of its scan.
+The forward states are recomputed inside the backward (one more
 scan per work item) instead of being stored; then the local formulas of
 :func:`refssm.scan.numpy_seq.scan_core_backward` give every gradient.
 
@@ -109,7 +113,14 @@ up-sweep twice, once for the segments' totals and once, after the tree of the
 totals, for the segment's down-sweep, with the block's channels side by side
 so that each segment's rows of ``B`` and ``C`` are read once for all of them
 (same bits again, ``test_forward_without_stored_tree_is_the_same_bits``).
-The backward still stores its four trees.
+Past :data:`BACKWARD_TREE_BYTES` the backward, too, stores no tree
+(:func:`_backward_block`): a first pass over the segments (from the last)
+computes both trees' segment totals (the adjoint's elements read the forward
+segment's ``A_bar``; the gate's ``dy = d_out silu(z)`` needs no ``y``), then
+the trees of the totals, then a second pass recomputes each forward segment
+and its mirrored adjoint segment, down-swept from their prefixes, for ``dz``
+and the local gradients (same bits,
+``test_backward_without_stored_trees_is_the_same_bits``).
 
 Precision: no ``fastmath``; the scan runs in the dtype of the inputs
 (float32 or float64); per-step sums over ``state`` and the gradient
@@ -370,14 +381,16 @@ _fill_first3_keep = _fill_first3_intrinsic("_fill_first3_keep", True)
 
 
 @intrinsic
-def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, lo, hi, N):
+def _adjoint_first3(typingctx, ab, abase, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, lo, hi, base,
+                    N):
     """The adjoint's elements, in reversed time, and the up-sweep's levels 1, 2, 4: one pass.
 
-    Row ``s = L - 1 - t`` of ``(xa, G)`` is ``(A_bar[t + 1], C[t] dy[t])``
-    (``ab``'s rows; ``C`` rows from ``oC0 + t sC``), row 0 is ``(1, C[L-1]
-    dy[L-1] + dh)`` and rows ``s >= L`` the identity ``(1, 0)``; then, block
-    by block of 8 rows, the three lowest tree levels (as :func:`_up8_body`). Rows
-    ``[lo, hi)`` only (the tree or a segment of it).
+    Row ``s = L_pad - 1 - t`` of the adjoint's tree is ``(A_bar[t + 1], C[t] dy[t])``
+    (``A_bar[t + 1]`` from row ``t + 1 - abase`` of ``ab``, ``C`` rows from ``oC0 + t
+    sC``), except ``t = L - 1``: ``(1, C[L-1] dy[L-1] + dh)``; rows ``s < L_pad - L``
+    (``t >= L``) are the identity ``(1, 0)``. Then, block by block of 8 rows, the
+    three lowest tree levels (as :func:`_up8_body`). Rows ``s`` in ``[lo, hi)`` only
+    (the tree or a segment of it), stored at row ``s - base`` of ``(xa, G)``.
     """
     for a in (ab, C, dyc, dh, xa, G):
         if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == ab.dtype
@@ -388,32 +401,35 @@ def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, lo, hi, N
         b = builder
         ta = sig.args
         i64 = ir.IntType(64)
-        ab_, C_, oC0_, sC_, dyc_, dh_, odh_, xa_, G_, L_, lo_, hi_, N_ = args
-        oC0_, sC_, odh_, L_, lo_, hi_, N_ = (_i64(b, v) for v in
-                                             (oC0_, sC_, odh_, L_, lo_, hi_, N_))
+        (ab_, abase_, C_, oC0_, sC_, dyc_, dh_, odh_, xa_, G_, L_, Lp_, lo_, hi_, base_,
+         N_) = args
+        abase_, oC0_, sC_, odh_, L_, Lp_, lo_, hi_, base_, N_ = (
+            _i64(b, v) for v in (abase_, oC0_, sC_, odh_, L_, Lp_, lo_, hi_, base_, N_))
         fty = context.get_value_type(ta[0].dtype)
         c = lambda v: ir.Constant(i64, v)                  # noqa: E731
         Lm1 = b.sub(L_, c(1))
+        Lpm1 = b.sub(Lp_, c(1))
         with cgutils.for_range_slice(b, lo_, hi_, c(8)) as (r0, _):
-            first = b.icmp_unsigned("==", r0, c(0))
-            dys, aoffs, coffs, roffs, ident = [], [], [], [], []
+            dys, aoffs, coffs, roffs, ident, last = [], [], [], [], [], []
             for r in range(8):
                 srow = b.add(r0, c(r))
-                valid = b.icmp_signed("<", srow, L_)
-                t = b.select(valid, b.sub(Lm1, srow), c(0))
-                p = b.gep(context.make_array(ta[4])(context, b, dyc_).data, [t])
+                t = b.sub(Lpm1, srow)
+                valid = b.icmp_signed("<", t, L_)
+                t = b.select(valid, t, Lm1)
+                p = b.gep(context.make_array(ta[5])(context, b, dyc_).data, [t])
                 dys.append(b.select(valid, b.load(p), ir.Constant(fty, 0.0)))
-                aoffs.append(b.mul(b.add(t, c(1)), N_))
+                aoffs.append(b.mul(b.sub(b.add(t, c(1)), abase_), N_))
                 coffs.append(b.add(oC0_, b.mul(t, sC_)))
-                roffs.append(b.mul(srow, N_))
-                ident.append(b.or_(b.not_(valid), b.icmp_unsigned("==", srow, c(0))))
+                roffs.append(b.mul(b.sub(srow, base_), N_))
+                last.append(b.and_(valid, b.icmp_signed("==", t, Lm1)))
+                ident.append(b.or_(b.not_(valid), last[r]))
 
             def body(bb, v, sc):
                 As, Cs, dhv = v[0:8], v[8:16], v[-1]
                 one = _const(As[0].type, 1.0)
                 a = [bb.select(ident[r], one, As[r]) for r in range(8)]
                 x = [bb.fmul(Cs[r], sc[r]) for r in range(8)]
-                x[0] = bb.select(first, bb.fadd(x[0], dhv), x[0])
+                x = [bb.select(last[r], bb.fadd(x[r], dhv), x[r]) for r in range(8)]
                 _up8_tree(bb, a, x)
                 stores = {16 + r: a[r] for r in range(8)}
                 stores.update({24 + r: x[r] for r in range(8)})
@@ -421,11 +437,12 @@ def _adjoint_first3(typingctx, ab, C, oC0, sC, dyc, dh, odh, xa, G, L, lo, hi, N
 
             _ns._vector_loop_codegen(
                 context, b, [ab_] * 8 + [C_] * 8 + [xa_] * 8 + [G_] * 8 + [dh_],
-                [ta[0]] * 8 + [ta[1]] * 8 + [ta[7]] * 8 + [ta[8]] * 8 + [ta[5]],
+                [ta[0]] * 8 + [ta[2]] * 8 + [ta[8]] * 8 + [ta[9]] * 8 + [ta[6]],
                 aoffs + coffs + roffs + roffs + [odh_], dys, N_, body, 0)
         return context.get_dummy_value()
 
-    return types.void(ab, C, oC0, sC, dyc, dh, odh, xa, G, L, lo, hi, N), codegen
+    return (types.void(ab, abase, C, oC0, sC, dyc, dh, odh, xa, G, L, Lp, lo, hi, base, N),
+            codegen)
 
 
 #: ``_upsweep_first3(xa, xb, lo, hi, N)``: the up-sweep's levels 1, 2, 4.
@@ -457,6 +474,24 @@ def _column_gate_backward_body(builder, v, s):
     return {0: dy, 1: dz}, []
 
 
+def _column_gate_dy_body(builder, v, s):
+    # arrays: d_out, dy (written), z; scalars: z?.  The dy half of _column_gate_backward_body:
+    # the same numba_seq._gate_grads (its dz, unused here, is given dummies for y, D, u)
+    dout, _, z = v
+    (hasz,) = s
+    dy, _ = _ns._gate_grads(builder, dout, dout, hasz, dout, z, build_sigmoid(builder, z),
+                            hasz, hasz)
+    return {1: dy}, []
+
+
+def _column_gate_dz_body(builder, v, s):
+    # arrays: d_out (becomes dz), y_core, u, z; scalars: D_c, D?.  The dz half
+    dout, yc, u, z = v
+    Dc, hasD = s
+    _, dz = _ns._gate_grads(builder, dout, yc, Dc, u, z, build_sigmoid(builder, z), hasD, hasD)
+    return {0: dz}, []
+
+
 def _column_finish_body(builder, v, s):
     # arrays: d dt (becomes d delta), d dtB, delta, du (core's; becomes du), dy; scalars: bias_c,
     # softplus?, lo, hi, D_c, D?.  numba_seq's _finish_body for one channel: d delta =
@@ -477,6 +512,11 @@ _column_epilogue = _loop_intrinsic("_column_epilogue", 3, 3, _column_epilogue_bo
 #: ``y := dz``.
 _column_gate_backward = _loop_intrinsic("_column_gate_backward", 4, 3,
                                         _column_gate_backward_body, 0, unroll=4)
+#: ``_column_gate_dy(dout, o, dy, o, z, o, hasz, n)``: ``dy :=`` the ``dy`` half of
+#: :data:`_column_gate_backward` (``d_out`` kept).
+_column_gate_dy = _loop_intrinsic("_column_gate_dy", 3, 1, _column_gate_dy_body, 0, unroll=4)
+#: ``_column_gate_dz(dout, o, y, o, u, o, z, o, D_c, hasD, n)``: ``dout := dz``, the other half.
+_column_gate_dz = _loop_intrinsic("_column_gate_dz", 4, 2, _column_gate_dz_body, 0, unroll=4)
 #: ``_column_prologue(col, o, bias_c, sp, lo, hi, n)``: ``col = clip(softplus(col + bias_c))``.
 _column_prologue = _loop_intrinsic("_column_prologue", 1, 4, _column_prologue_body, 0, unroll=4)
 
@@ -755,12 +795,12 @@ SEGMENT_BYTES = 1 << 17
 
 
 @njit(cache=True)
-def _segment_rows(Lp, N, itemsize):
+def _segment_rows(Lp, N, itemsize, nbytes):
     """Rows ``S`` of a segment: a power of two, ``8 <= S <= max(Lp, 8)``, ``S N itemsize
-    <=`` :data:`SEGMENT_BYTES` where it can be (trees of ``Lp < 8`` rows are not
-    segmented: their callers take another path)."""
+    <= nbytes`` (:data:`SEGMENT_BYTES`, or :data:`BACKWARD_SEGMENT_BYTES`) where it can be
+    (trees of ``Lp < 8`` rows are not segmented: their callers take another path)."""
     S = 8
-    while S < Lp and 2 * S * N * itemsize <= SEGMENT_BYTES:
+    while S < Lp and 2 * S * N * itemsize <= nbytes:
         S *= 2
     return S
 
@@ -917,7 +957,7 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
                                 xb.reshape(-1), ab.reshape(-1))
     oB0, sB = _bc_rows(B4, b, c, gsB, N)
     oh0 = (b * A.shape[0] + c) * N
-    S = _segment_rows(Lp, N, xa.itemsize)
+    S = _segment_rows(Lp, N, xa.itemsize, SEGMENT_BYTES)
     for lo in range(0, Lp, S):       # each segment: its elements and its own up-sweep
         if keep:
             _fill_first3_keep(Af, c * N, Bf, oB0, sB, dtc, dtBc, uc, h0f, oh0, af, bf, abf, L,
@@ -944,12 +984,14 @@ TREE_BYTES = 1 << 22
 
 
 @njit(cache=True)
-def _scan_rows(L, N, itemsize, tree_bytes):
-    """``(S, K)``: the rows of the forward's scan buffers and its number of segments;
-    ``(L_pad, 0)`` when it stores the whole tree (``L_pad N itemsize <= tree_bytes``,
-    :data:`TREE_BYTES`), else ``K`` segments of ``S`` rows (:func:`_forward_block`)."""
+def _scan_rows(L, N, itemsize, tree_bytes, segment_bytes):
+    """``(S, K)``: the rows of a kernel's scan buffers and its number of segments;
+    ``(L_pad, 0)`` when it stores the whole tree (``L_pad N itemsize <= tree_bytes``:
+    :data:`TREE_BYTES` for the forward, :data:`BACKWARD_TREE_BYTES` for the backward),
+    else ``K`` segments of ``S`` rows (:func:`_segment_rows` of ``segment_bytes``;
+    :func:`_forward_block`, :func:`_backward_block`)."""
     Lp = padded_length(L)
-    S = _segment_rows(Lp, N, itemsize)
+    S = _segment_rows(Lp, N, itemsize, segment_bytes)
     if S >= Lp or Lp * N * itemsize <= tree_bytes:
         return Lp, 0
     return S, Lp // S
@@ -1084,25 +1126,27 @@ def _scatter_columns(src, b, c0, nb, x):
 
 @njit(cache=True)
 def _local_range(t0, t1, Gf, Hf, abf, Af, Bf, dAf, dBf, dCf, dtc, dtBc, uc, dyc, c, oB0, sB,
-                 oC0, sC, L, N):
+                 oC0, sC, gtop, hbase, N):
     """The local gradient formulas of :func:`refssm.scan.numpy_seq.scan_core_backward`
     for the steps ``t0 <= t < t1`` of channel ``c``, in increasing ``t``.
 
-    ``G[L - t] = g[t]``, ``H[t] = h[t-1]``, ``abar[t] = A_bar[t]`` (flat
-    ``[Lp + 1, N]`` buffers); ``B[t]``, ``C[t]`` and their float64 accumulators
-    at ``oB0 + t sB``, ``oC0 + t sC``. ``dtc, dtBc, uc`` receive ``d dt, d dtB,
-    d u`` in place.
+    ``g[t]`` in row ``gtop - t`` of ``G``, ``h[t-1]`` in row ``t - hbase`` of ``H``
+    and ``A_bar[t]`` in that of ``abar`` (flat ``[rows, N]`` buffers: the whole trees,
+    ``gtop = L`` and ``hbase = 0``, or segments of them); ``B[t]``, ``C[t]`` and their
+    float64 accumulators at ``oB0 + t sB``, ``oC0 + t sC``. ``dtc, dtBc, uc`` receive
+    ``d dt, d dtB, d u`` in place.
     """
     for t in range(t0, t1):
-        # with g = G[L - t], Bv = B[t], elementwise over n:
+        # with g = G[gtop - t], Bv = B[t], elementwise over n:
         #   d_dtA = g H[t] abar[t]                      (dL/d(dt A))
         #   s_dt += d_dtA A[c];   dA[c] += d_dtA dt
         #   s_dtB += g Bv u;   s_u += g dtB Bv;   dB[t] += g dtB u
         #   dC[t] += dy H[t + 1]
         oB = oB0 + t * sB
         oC = oC0 + t * sC
+        r = t - hbase
         s_dt, s_dtB, s_u = _local_gradients(
-            Gf, (L - t) * N, Hf, t * N, (t + 1) * N, abf, t * N, Af, c * N, Bf, oB,
+            Gf, (gtop - t) * N, Hf, r * N, (r + 1) * N, abf, r * N, Af, c * N, Bf, oB,
             dAf, c * N, dBf, oB, dCf, oC, dtc[t], dtBc[t], uc[t], dyc[t], N)
         dtc[t] = s_dt                       # d dt, d dtB, d u (in place)
         dtBc[t] = s_dtB
@@ -1145,7 +1189,7 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
     gsC = channels // C4.shape[2]
     nblk = (channels + _CBLK - 1) // _CBLK
     W = batch * nblk
-    S, K = _scan_rows(L, N, u.itemsize, tree_bytes)
+    S, K = _scan_rows(L, N, u.itemsize, tree_bytes, SEGMENT_BYTES)
     for p in prange(P):
         xa = np.empty((S + 1, N), dtype=u.dtype)         # the tree, or one segment of it
         xb = np.empty((S + 1, N), dtype=u.dtype)
@@ -1174,19 +1218,254 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
             _scatter_columns(cols[3], b, c0, nb, y)
 
 
+#: Above this many bytes per ``[L_pad, N]`` buffer, the backward does not store its four
+#: trees (:func:`_backward_block`); its segments are then of :data:`BACKWARD_SEGMENT_BYTES`.
+#: Measured at state 16, 128 channels, 2 threads: at seq_len 16384 (2 MiB trees in
+#: float64) storing was 13-20% faster in both dtypes, at 32768 28% (float64) and 18%
+#: (float32) slower; at 65536 (W4) not storing took the float64 backward from 1754 to
+#: 1180 ms and float32's from 895 to 760.
+BACKWARD_TREE_BYTES = 1 << 21
+#: Segments of 16 and 64 KiB measured the same at W4; the backward keeps five.
+BACKWARD_SEGMENT_BYTES = 1 << 14
+
+
+@njit(cache=True)
+def _gate_backward(cols, l, c, D, fl, lo, hi):
+    """The gate's backward for channel ``c = c0 + l`` of a block, steps ``[lo, hi)``:
+    ``cols[3, l]`` (``d out``) becomes the core's ``dy``, ``cols[5, l]`` (the core's
+    ``y``) becomes ``dz`` (numba_seq's ``epilogue_backward``, elementwise)."""
+    _column_gate_backward(cols[3, l], lo, cols[5, l], lo, cols[0, l], lo, cols[4, l], lo, D[c],
+                          fl[1], fl[2], hi - lo)
+
+
+@njit(cache=True)
+def _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0, gsB, gsC,
+                      dA, dB, dC, dh0, gate, D, fl, raw, dD_rows):
+    """The backward of channel ``c = c0 + l`` of a block, with its four trees stored
+    (``[L_pad + 1, N]`` each):
+
+    1. the forward scan again: ``H[t] = h[t-1]`` (``H[0] = h0``), ``abar[t] = A_bar[t]``;
+       with the ``gate``, also ``y = C . h`` and the gate's backward
+       (:func:`_gate_backward`; with ``raw``, ``dD_rows[b, c] = sum_t dy u``);
+    2. the adjoint scan in reversed time, ``G[L_pad - t] = g[t]``;
+    3. the local gradient formulas (:func:`_local_range`), a segment at a time right
+       after the adjoint's down-sweep of that segment.
+    """
+    L = cols.shape[2]
+    N = A.shape[1]
+    Lp = padded_length(L)
+    channels = A.shape[0]
+    c = c0 + l
+    uc, dtc, dtBc, dyc = cols[0, l], cols[1, l], cols[2, l], cols[3, l]
+    Gf, Hf, abf, xaf = G.reshape(-1), H.reshape(-1), abar.reshape(-1), xa.reshape(-1)
+    Af, Bf, C4f, dhf = A.reshape(-1), B4.reshape(-1), C4.reshape(-1), dh_last.reshape(-1)
+    oB0, sB = _bc_rows(B4, b, c, gsB, N)
+    oC0, sC = _bc_rows(C4, b, c, gsC, N)
+    # 1. recompute the forward states with the log-depth scan
+    _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC,
+                   cols[5, l], gate)              # with the gate, y[t] = C[t] . h[t]
+    if gate:
+        _gate_backward(cols, l, c, D, fl, 0, L)
+        if raw:
+            dD_rows[b, c] = _dot(dyc, 0, uc, 0, L)
+    for n in range(N):
+        H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
+    grad_args = (Gf, Hf, abf, Af, Bf, dA.reshape(-1), dB.reshape(-1), dC.reshape(-1), dtc,
+                 dtBc, uc, dyc, c, oB0, sB, oC0, sC, Lp, 0, N)
+    # 2. the adjoint: reversed time s = L_pad-1-t, element s = (a[t+1], C[t] dy[t]), with
+    #    dh_last folded into that of t = L-1 (whose a is never used: set to 1), the
+    #    identity before it (s < L_pad - L)
+    odh = (b * channels + c) * N
+    if Lp >= 8:          # segment by segment: the elements and the up-sweep (as forward)
+        S = _segment_rows(Lp, N, xa.itemsize, SEGMENT_BYTES)
+        for lo in range(0, Lp, S):
+            _adjoint_first3(abf, 0, C4f, oC0, sC, dyc, dhf, odh, xaf, Gf, L, Lp, lo, lo + S,
+                            0, N)
+            _upsweep_rows(xaf, Gf, 8, lo, lo + S, N)
+        _sweeps_above(xa, G, Lp, S)
+        # 3. t = 0 (row L_pad, the total), then each segment's down-sweep, from the
+        #    last, and the local gradients of its rows r (t = L_pad - r) while they are
+        #    in cache: t ascending overall
+        _local_range(0, 1, *grad_args)
+        for lo in range(Lp - S, -1, -S):
+            _downsweep_segment(xaf, Gf, lo, S, N)
+            _local_range(Lp - lo - S + 1, min(Lp - lo + 1, L), *grad_args)
+    else:
+        for s in range(Lp):
+            t = Lp - 1 - s
+            for n in range(N):
+                xa[s, n] = 1.0
+                G[s, n] = 0.0
+            if t < L:
+                oC = oC0 + t * sC
+                dyv = dyc[t]
+                for n in range(N):
+                    G[s, n] = C4f[oC + n] * dyv
+                    if t < L - 1:
+                        xa[s, n] = abar[t + 1, n]
+                    else:
+                        G[s, n] += dh_last[b, c, n]
+        _upsweep(xa, G, Lp)
+        _downsweep(xa, G, Lp)
+        _local_range(0, L, *grad_args)     # 3. the local gradients
+    for n in range(N):
+        dh0[b, c, n] = abar[0, n] * G[Lp, n]
+
+
+@njit(cache=True)
+def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_last, b, c0, gsB,
+                    gsC, dA, dB, dC, dh0, gate, D, fl, raw, dD_rows):
+    """The backward of the ``nb`` channels ``c0 + l`` of a block without stored trees:
+    what :func:`_backward_channel` computes, to the bit, from segments of ``S`` rows.
+
+    ``F`` ``[3, S + 1, N]`` holds one segment of the forward tree (scratch ``a``,
+    ``H``, ``abar``), ``Gs`` ``[2, S + 1, N]`` one of the adjoint's (scratch ``a``,
+    ``G``); ``Tf``, ``Tg`` ``[2, 8, K + 1, N]`` the segments' totals. The adjoint's
+    rows are ``s = L_pad - 1 - t``, so its segment ``K - 1 - k`` holds the steps of
+    the forward's segment ``k``; its elements need ``A_bar[t + 1]``: the forward
+    segment's rows 1 .. S and the next segment's row 0, kept in ``Afirst[l, k + 1]``
+    (``[8, K + 1, N]``). With the ``gate``, ``cols[3]`` holds ``d out``: the core's
+    ``dy = d_out silu(z)`` goes to ``cols[5]`` (it needs no ``y``) and ``dz`` to
+    ``cols[3]``.
+
+    1. Segments ``k`` from the last, each channel: the forward segment's elements and
+       up-sweep (its total to ``Tf[:, l, k]``), the ``dy`` of its steps, then the
+       adjoint segment's elements and up-sweep (its total to ``Tg[:, l, K - 1 - k]``).
+       Then each channel's trees of these totals: ``Tf[1, l, k]``, ``Tg[1, l, j]``
+       become the segments' prefixes. With ``raw``, ``dD_rows[b, c] = sum_t dy u``.
+    2. Segments ``k`` in order, each channel: the forward segment again, down from its
+       prefix (``H`` rows; with the gate, ``y = C . h`` of its steps and then their
+       ``dz``), the adjoint segment again, down from its prefix, then the local
+       gradients of the segment's steps (:func:`_local_range`).
+
+    Every node of both trees is computed by the same operations as in the stored
+    trees, and every gradient is summed in the same order (``t`` ascending; for
+    each ``t``, channel by channel), so the results are the same bits. The block's
+    channels go side by side per segment: each segment's rows of ``B``, ``C`` and
+    of their float64 gradient sums serve all of them while in cache (at ``seq_len``
+    65536 they are 8 MiB each), and no tree streams through memory.
+    """
+    L = cols.shape[2]
+    N = A.shape[1]
+    channels = A.shape[0]
+    S = F.shape[1] - 1
+    K = Tf.shape[2] - 1
+    Lp = S * K
+    dyr = 5 if gate else 3
+    Cf, dhf = C4.reshape(-1), dh_last.reshape(-1)
+    fh, fab = F[1].reshape(-1), F[2].reshape(-1)
+    ga, gb = Gs[0].reshape(-1), Gs[1].reshape(-1)
+
+    def adjoint_up(l, k):
+        # the adjoint segment of the forward's segment k (steps kS .. kS + S - 1; F holds
+        # its A_bar) for channel l: elements and up-sweep into Gs
+        c = c0 + l
+        oC0, sC = _bc_rows(C4, b, c, gsC, N)
+        for n in range(N):
+            F[2, S, n] = Afirst[l, k + 1, n]         # A_bar[kS + S]
+        lo = Lp - (k + 1) * S
+        _adjoint_first3(fab, k * S, Cf, oC0, sC, cols[dyr, l], dhf, (b * channels + c) * N,
+                        ga, gb, L, Lp, lo, lo + S, lo, N)
+        _upsweep_rows(ga, gb, 8, 0, S, N)
+
+    # 1. segments from the last: both trees' segment totals (and dy)
+    for k in range(K - 1, -1, -1):
+        lo = k * S
+        j = K - 1 - k
+        for l in range(nb):
+            if lo >= L:                  # all padding: the identity, exactly
+                for n in range(N):
+                    Tf[0, l, k, n] = Tg[0, l, j, n] = 1.0
+                    Tf[1, l, k, n] = Tg[1, l, j, n] = 0.0
+                continue
+            _forward_segment_up(F, cols, l, k, A, B4, h0, b, c0 + l, gsB)
+            for n in range(N):
+                Tf[0, l, k, n] = F[0, S - 1, n]
+                Tf[1, l, k, n] = F[1, S - 1, n]
+                Afirst[l, k, n] = F[2, 0, n]
+            if gate:                     # dy = d_out silu(z) of the segment's steps
+                _column_gate_dy(cols[3, l], lo, cols[5, l], lo, cols[4, l], lo, fl[2],
+                                min(S, L - lo))
+            adjoint_up(l, k)
+            for n in range(N):
+                Tg[0, l, j, n] = Gs[0, S - 1, n]
+                Tg[1, l, j, n] = Gs[1, S - 1, n]
+    for l in range(nb):
+        for T in (Tf, Tg):
+            _upsweep(T[0, l], T[1, l], K)
+            _downsweep(T[0, l], T[1, l], K)
+        if raw:
+            dD_rows[b, c0 + l] = _dot(cols[dyr, l], 0, cols[0, l], 0, L)
+    # 2. segments in order: dz and the local gradients of their steps
+    Af, Bf = A.reshape(-1), B4.reshape(-1)
+    dAf, dBf, dCf = dA.reshape(-1), dB.reshape(-1), dC.reshape(-1)
+    for k in range(K):
+        lo = k * S
+        if lo >= L:
+            break
+        j = K - 1 - k
+        n_t = min(S, L - lo)
+        for l in range(nb):
+            c = c0 + l
+            oB0, sB = _bc_rows(B4, b, c, gsB, N)
+            oC0, sC = _bc_rows(C4, b, c, gsC, N)
+            _forward_segment_up(F, cols, l, k, A, B4, h0, b, c, gsB)
+            for n in range(N):
+                F[1, S - 1, n] = Tf[1, l, k, n]
+                F[1, S, n] = Tf[1, l, k + 1, n]
+            _downsweep_segment(F[0].reshape(-1), fh, 0, S, N)   # F[1, r] = h[kS + r - 1]
+            if gate:                     # y = C . h, then dz (over d_out in cols[3])
+                _read_out(Cf, oC0 + lo * sC, sC, fh, ybuf, 1, S + 1, n_t, N)
+                _column_gate_dz(cols[3, l], lo, ybuf, 0, cols[0, l], lo, cols[4, l], lo, D[c],
+                                fl[1], n_t)
+            if k == 0:
+                for n in range(N):
+                    F[1, 0, n] = h0[b, c, n]         # H[0] = h0 (was the identity)
+            adjoint_up(l, k)
+            for n in range(N):
+                Gs[1, S - 1, n] = Tg[1, l, j, n]
+                Gs[1, S, n] = Tg[1, l, j + 1, n]
+            _downsweep_segment(ga, gb, 0, S, N)
+            _local_range(lo, lo + n_t, gb, fh, fab, Af, Bf, dAf, dBf, dCf, cols[1, l],
+                         cols[2, l], cols[0, l], cols[dyr, l], c, oB0, sB, oC0, sC, lo + S, lo,
+                         N)
+            if k == 0:                   # dh0 = A_bar[0] g[0]
+                for n in range(N):
+                    dh0[b, c, n] = F[2, 0, n] * Gs[1, S, n]
+
+
+@njit(cache=True)
+def _forward_segment_up(F, cols, l, k, A, B4, h0, b, c, gsB):
+    """Segment ``k`` (``S`` rows) of channel ``c = c0 + l``'s forward tree into ``F``
+    ``[3, S + 1, N]``: its elements (``F[2]`` keeps ``A_bar``; ``h0`` folded into
+    segment 0) and its own up-sweep, its total in row ``S - 1`` (as in
+    :func:`_forward_block`)."""
+    L = cols.shape[2]
+    N = A.shape[1]
+    S = F.shape[1] - 1
+    lo = k * S
+    oB0, sB = _bc_rows(B4, b, c, gsB, N)
+    fa, fh, fab = F[0].reshape(-1), F[1].reshape(-1), F[2].reshape(-1)
+    _fill_first3_keep(A.reshape(-1), c * N, B4.reshape(-1), oB0 + lo * sB, sB, cols[1, l, lo:],
+                      cols[2, l, lo:], cols[0, l, lo:], h0.reshape(-1),
+                      (b * A.shape[0] + c) * N, fa, fh, fab, L - lo, 0, S, N,
+                      1 if k == 0 else 0)
+    _upsweep_rows(fa, fh, 8, 0, S, N)
+
+
 @njit(parallel=True, cache=True)
 def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                      du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P, fl, z, D, dy_out, dz, bias,
-                     dD_rows, db_rows):
+                     dD_rows, db_rows, tree_bytes):
     """Fill ``du, ddt, ddtB`` ``[batch, L, channels]``, ``dh0`` ``[batch, channels, N]``
     and partition ``p``'s slices of the accumulators ``dA_p`` ``[P, channels, N]``,
     ``dB_p`` ``[P, *B4.shape]``, ``dC_p`` ``[P, *C4.shape]`` (float64, zeroed).
 
-    Per work item, with four ``[Lp + 1, N]`` buffers: (1) forward scan again,
-    ``H[t] = h[t-1]`` (``H[0] = h0``), ``abar[t] = a[t]``; (2) adjoint scan in
-    reversed time, ``G[L - t] = g[t]``; (3) the local gradient formulas
-    (:func:`_local_range`), a segment at a time right after the adjoint's
-    down-sweep of that segment.
+    Per work item (a block of :data:`_CBLK` channels, staged as in the forward):
+    when ``L_pad N itemsize <= tree_bytes``, channel by channel with its four
+    trees stored (:func:`_backward_channel`); otherwise without stored trees,
+    the block's channels side by side, segment by segment
+    (:func:`_backward_block`). The same bits either way.
 
     ``fl = [gate?, D?, z?, raw?, softplus?, lo, hi]``: with ``gate``, ``dy``
     holds ``d out`` of :func:`fused_forward`'s epilogue and step (1) also
@@ -1201,29 +1480,30 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     """
     batch, L, channels = u.shape
     N = A.shape[1]
-    Lp = padded_length(L)
     gsB = channels // B4.shape[2]
     gsC = channels // C4.shape[2]
     nblk = (channels + _CBLK - 1) // _CBLK
     W = batch * nblk
+    S, K = _scan_rows(L, N, u.itemsize, tree_bytes, BACKWARD_SEGMENT_BYTES)
+    R = S + 1 if K == 0 else 1           # the stored trees' rows (none without them)
+    gate = fl[0] > 0
+    raw = gate and fl[3] > 0
     for p in prange(P):
-        abar = np.empty((Lp + 1, N), dtype=u.dtype)   # a[t] (kept: the scan overwrites xa)
-        H = np.empty((Lp + 1, N), dtype=u.dtype)      # H[t] = h[t-1], H[t+1] = h[t]
-        xa = np.empty((Lp + 1, N), dtype=u.dtype)     # scan scratch (a half)
-        G = np.empty((Lp + 1, N), dtype=u.dtype)      # G[L - t] = g[t] = dL/dh[t]
+        abar = np.empty((R, N), dtype=u.dtype)        # a[t] (kept: the scan overwrites xa)
+        H = np.empty((R, N), dtype=u.dtype)           # H[t] = h[t-1], H[t+1] = h[t]
+        xa = np.empty((R, N), dtype=u.dtype)          # scan scratch (a half)
+        G = np.empty((R, N), dtype=u.dtype)           # G[L_pad - t] = g[t] = dL/dh[t]
+        # without stored trees: a segment of each tree per channel, the segments' totals
+        F = np.empty((3, S + 1 if K else 0, N), dtype=u.dtype)
+        Gs = np.empty((2, S + 1 if K else 0, N), dtype=u.dtype)
+        Tf = np.empty((2, _CBLK, K + 1, N), dtype=u.dtype)
+        Tg = np.empty((2, _CBLK, K + 1, N), dtype=u.dtype)
+        Afirst = np.empty((_CBLK, K + 1, N), dtype=u.dtype)
+        ybuf = np.empty(S, dtype=u.dtype)
         # a block's u, dt, dtB, dy along time; the gradients du, ddt, ddtB of a
-        # channel replace its u, dt, dtB once read (step 3)
+        # channel replace its u, dt, dtB once read
         # ... and z, y (then dz) for the gate, and the raw delta
         cols = np.empty((7, _CBLK, L), dtype=u.dtype)
-        raw = fl[0] > 0 and fl[3] > 0
-        dA = dA_p[p]
-        dB = dB_p[p]
-        dC = dC_p[p]
-        Gf, Hf, abf, xaf = G.reshape(-1), H.reshape(-1), abar.reshape(-1), xa.reshape(-1)
-        dhf = dh_last.reshape(-1)
-        S = _segment_rows(Lp, N, xa.itemsize)
-        dAf, dBf, dCf = dA.reshape(-1), dB.reshape(-1), dC.reshape(-1)
-        Af, Bf, C4f = A.reshape(-1), B4.reshape(-1), C4.reshape(-1)
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
             c0 = (w - b * nblk) * _CBLK
@@ -1231,75 +1511,37 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
             _gather_columns(u, b, c0, nb, cols[0])
             if raw:
                 _gather_columns(dt, b, c0, nb, cols[6])
+                for l in range(nb):  # dt = dtB = clip(softplus(delta + bias)), as the forward
+                    cols[1, l] = cols[6, l]
+                    _column_prologue(cols[1, l], 0, bias[c0 + l], fl[4], fl[5], fl[6], L)
+                    cols[2, l] = cols[1, l]
             else:
                 _gather_columns(dt, b, c0, nb, cols[1])
                 _gather_columns(dtB, b, c0, nb, cols[2])
             _gather_columns(dy, b, c0, nb, cols[3])
-            if fl[0] > 0 and fl[2] > 0:
+            if gate and fl[2] > 0:
                 _gather_columns(z, b, c0, nb, cols[4])
-            for l in range(nb):
-                c = c0 + l
-                uc, dtc, dtBc, dyc = cols[0, l], cols[1, l], cols[2, l], cols[3, l]
-                if raw:          # dt = dtB = clip(softplus(delta + bias)), as the forward
-                    dtc[:] = cols[6, l]
-                    _column_prologue(dtc, 0, bias[c], fl[4], fl[5], fl[6], L)
-                    dtBc[:] = dtc
-                oB0, sB = _bc_rows(B4, b, c, gsB, N)
-                oC0, sC = _bc_rows(C4, b, c, gsC, N)
-                # 1. recompute the forward states with the log-depth scan
-                _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC,
-                               cols[5, l], fl[0] > 0)     # with the gate, y[t] = C[t] . h[t]
-                if fl[0] > 0:    # the gate: dy (over d out) and dz
-                    yc = cols[5, l]
-                    _column_gate_backward(dyc, 0, yc, 0, uc, 0, cols[4, l], 0, D[c], fl[1],
-                                          fl[2], L)
-                    if raw:
-                        dD_rows[b, c] = _dot(dyc, 0, uc, 0, L)      # sum_t dy u
-                for n in range(N):
-                    H[0, n] = h0[b, c, n]        # was the identity (b = 0): now H[t] = h[t-1] for all t
-                grad_args = (Gf, Hf, abf, Af, Bf, dAf, dBf, dCf, dtc, dtBc, uc, dyc, c,
-                             oB0, sB, oC0, sC, L, N)
-                # 2. the adjoint: reversed time s = L-1-t, element s = (a[t+1], C[t] dy[t]),
-                #    with dh_last folded into element 0 (whose a is never used: set to 1)
-                if Lp >= 8:      # segment by segment: the elements and the up-sweep (as forward)
-                    for lo in range(0, Lp, S):
-                        _adjoint_first3(abf, C4f, oC0, sC, dyc, dhf, (b * channels + c) * N,
-                                        xaf, Gf, L, lo, lo + S, N)
-                        _upsweep_rows(xaf, Gf, 8, lo, lo + S, N)
-                    _sweeps_above(xa, G, Lp, S)
-                    # 3. each segment's down-sweep, from the last, then the local gradients of
-                    #    its rows r (t = L - r) while they are in cache: t ascending overall
-                    if L == Lp:                  # row Lp, outside the segments: t = 0
-                        _local_range(0, 1, *grad_args)
-                    for lo in range(Lp - S, -1, -S):
-                        _downsweep_segment(xaf, Gf, lo, S, N)
-                        _local_range(max(L - lo - S + 1, 0), min(L - lo + 1, L), *grad_args)
-                else:
-                    oC = oC0 + (L - 1) * sC
-                    dyv = dyc[L - 1]
-                    for n in range(N):
-                        xa[0, n] = 1.0
-                        G[0, n] = C4f[oC + n] * dyv + dh_last[b, c, n]
-                    for s in range(1, L):
-                        t = L - 1 - s
-                        oC = oC0 + t * sC
-                        dyv = dyc[t]
-                        for n in range(N):
-                            xa[s, n] = abar[t + 1, n]
-                            G[s, n] = C4f[oC + n] * dyv
-                    _scan(xa, G, L)
-                    _local_range(0, L, *grad_args)     # 3. the local gradients
-                for n in range(N):
-                    dh0[b, c, n] = abar[0, n] * G[L, n]
-                if raw:          # d delta into dtc, du += dy D (and sum_t d delta)
-                    db_rows[b, c] = _column_finish(dtc, 0, dtBc, 0, cols[6, l], 0, uc, 0, dyc,
-                                                   0, bias[c], fl[4], fl[5], fl[6], D[c],
-                                                   fl[1], L)
-            if fl[0] > 0:
+            if K == 0:
+                for l in range(nb):
+                    _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0,
+                                      gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
+                                      raw, dD_rows)
+            else:
+                _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_last,
+                                b, c0, gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
+                                raw, dD_rows)
+            dyr = 5 if gate and K > 0 else 3     # the core's dy (and dz in the other one)
+            if raw:              # d delta into dtc, du += dy D (and sum_t d delta)
+                for l in range(nb):
+                    c = c0 + l
+                    db_rows[b, c] = _column_finish(cols[1, l], 0, cols[2, l], 0, cols[6, l], 0,
+                                                   cols[0, l], 0, cols[dyr, l], 0, bias[c],
+                                                   fl[4], fl[5], fl[6], D[c], fl[1], L)
+            if gate:
                 if not raw:
-                    _scatter_columns(cols[3], b, c0, nb, dy_out)
+                    _scatter_columns(cols[dyr], b, c0, nb, dy_out)
                 if fl[2] > 0:
-                    _scatter_columns(cols[5], b, c0, nb, dz)
+                    _scatter_columns(cols[8 - dyr], b, c0, nb, dz)
             _scatter_columns(cols[0], b, c0, nb, du)
             _scatter_columns(cols[1], b, c0, nb, ddt)
             if not raw:
@@ -1485,7 +1727,7 @@ def _run_backward(dy, dh_last, u, dt, dtB, A, B4, C4, h0, fl, z, D, bias, ddtB, 
     dD_rows = np.zeros((batch, channels), u.dtype)
     db_rows = np.zeros((batch, channels), u.dtype)
     _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0, du, ddt, ddtB, dh0, dA_p, dB_p,
-                     dC_p, P, fl, z, D, dy_out, dz, bias, dD_rows, db_rows)
+                     dC_p, P, fl, z, D, dy_out, dz, bias, dD_rows, db_rows, BACKWARD_TREE_BYTES)
     dtype = u.dtype
     return du, ddt, {"A": dA_p.sum(axis=0).astype(dtype), "B4": dB_p.sum(axis=0).astype(dtype),
                      "C4": dC_p.sum(axis=0).astype(dtype), "h0": dh0, "dD_rows": dD_rows,
