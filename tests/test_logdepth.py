@@ -137,7 +137,7 @@ def test_forward_without_stored_tree_is_the_same_bits(dtype):
             y = np.empty_like(u)
             h_last = np.empty((2, 10, state), dtype)
             ld._forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, 3, A[:, 0],
-                               np.zeros(7, dtype), u, A[:, 0], tree_bytes)
+                               np.zeros(7, dtype), u, A[:, 0], tree_bytes, ld.SEGMENT_BYTES)
             outs.append((y, h_last))
         assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
     yr, hr, _ = ns.scan_core_forward(*(np.asarray(x, np.float64) for x in

@@ -70,10 +70,12 @@ Parallelism and memory: ``prange`` over ``N_PARTS`` (8) fixed
 8 channels; batch 1 still uses every thread). A block's ``[batch, L,
 channels]`` inputs are first copied into ``[8, seq_len]`` columns (each cache
 line and memory page read once for the 8 channels, instead of once per
-channel and step), its channels are scanned one by one from there, and
-their outputs go back the same way. Each partition owns ``[L_pad + 1,
-state]`` scratch buffers (two in the forward, four in the backward), the
-columns (``5 x 8 x seq_len``; 7 in the backward) and, in the backward, private float64
+channel and step), its channels are scanned from there (one by one, or side
+by side segment by segment for long sequences, see below), and their
+outputs go back the same way. Each partition owns ``[L_pad + 1, state]``
+scratch buffers (two in the forward, four in the backward; for long
+sequences instead segments of them and ``[8, K + 1, state]`` segment
+totals), the columns (``5 x 8 x seq_len``; 7 in the backward) and, in the backward, private float64
 accumulators for the ``A``, ``B4`` and ``C4`` gradients (sums over channels,
 batch and, when constant, time), added up after the parallel loop:
 race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. The partitions
@@ -131,6 +133,16 @@ unbiased near 1: measured mean error +0.0005 ulp for ``x`` in
 engine, is biased there (measured: 10 % of results 1 ulp low, mean -0.1 ulp),
 which over ~1e5 steps with ``a ~ 1 - 1e-6`` moves the NumPy engine itself by
 ~1e-12 (see ``tests/test_logdepth.py::test_long_sequence_with_abar_near_one``).
+
+Unstable systems (``A > 0``, so ``A_bar > 1``): the tree multiplies the
+``A_bar`` of whole subtrees, which can overflow where the sequential engines'
+step-by-step values stay finite, and ``inf * 0`` then gives NaN. A review's
+random search (1,500 cases with ``A > 0``, seq_len <= 40, a third float32)
+found 26 of the 1,148 that the NumPy engine keeps finite turned NaN by the
+forward tree (here since the first log-depth engine), and 3 more (float32)
+whose gradients the adjoint's tree turns NaN since its padding moved to the
+start. The log-depth engine is meant for stable systems (Mamba's ``A =
+-exp(A_log)``, Edifice's ``-(1..N)``), where no product exceeds 1.
 """
 from __future__ import annotations
 
@@ -927,7 +939,8 @@ def _read_out(Cf, oC0, sC, bf, yc, lo, hi, L, N):
 
 
 @njit(cache=True)
-def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC, yc, read):
+def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC, yc, read,
+                   seg_bytes):
     """Discretise work item ``(b, c)``, fold ``h0``, scan (``xb[t + 1] = h[t]``) and,
     with ``read``, read out ``yc[t] = C[t] . h[t]``.
 
@@ -957,7 +970,7 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
                                 xb.reshape(-1), ab.reshape(-1))
     oB0, sB = _bc_rows(B4, b, c, gsB, N)
     oh0 = (b * A.shape[0] + c) * N
-    S = _segment_rows(Lp, N, xa.itemsize, SEGMENT_BYTES)
+    S = _segment_rows(Lp, N, xa.itemsize, seg_bytes)
     for lo in range(0, Lp, S):       # each segment: its elements and its own up-sweep
         if keep:
             _fill_first3_keep(Af, c * N, Bf, oB0, sB, dtc, dtBc, uc, h0f, oh0, af, bf, abf, L,
@@ -998,7 +1011,8 @@ def _scan_rows(L, N, itemsize, tree_bytes, segment_bytes):
 
 
 @njit(cache=True)
-def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4, gsC, h_last):
+def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4, gsC, h_last,
+                   seg_bytes):
     """The forward of the ``nb`` channels ``c0 + l`` of a block: ``cols[3, l, t] = C[t] . h[t]``,
     ``h_last[b, c0 + l] = h[L - 1]`` (``cols[0]``, ``cols[1]``, ``cols[dtB_row]``: ``u``,
     ``dt``, ``dtB``).
@@ -1030,7 +1044,7 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
     if K == 0:
         for l in range(nb):
             _fill_and_scan(xa, xb, xa, False, cols[0, l], cols[1, l], cols[dtB_row, l], A, B4,
-                           h0, b, c0 + l, gsB, C4, gsC, cols[3, l], True)
+                           h0, b, c0 + l, gsB, C4, gsC, cols[3, l], True, seg_bytes)
             for n in range(N):
                 h_last[b, c0 + l, n] = xb[L, n]
         return
@@ -1132,7 +1146,7 @@ def _local_range(t0, t1, Gf, Hf, abf, Af, Bf, dAf, dBf, dCf, dtc, dtBc, uc, dyc,
 
     ``g[t]`` in row ``gtop - t`` of ``G``, ``h[t-1]`` in row ``t - hbase`` of ``H``
     and ``A_bar[t]`` in that of ``abar`` (flat ``[rows, N]`` buffers: the whole trees,
-    ``gtop = L`` and ``hbase = 0``, or segments of them); ``B[t]``, ``C[t]`` and their
+    ``gtop = L_pad`` and ``hbase = 0``, or segments of them); ``B[t]``, ``C[t]`` and their
     float64 accumulators at ``oB0 + t sB``, ``oC0 + t sC``. ``dtc, dtBc, uc`` receive
     ``d dt, d dtB, d u`` in place.
     """
@@ -1164,7 +1178,8 @@ def _partitions(work):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tree_bytes):
+def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tree_bytes,
+                    seg_bytes):
     """Fill ``y`` ``[batch, L, channels]`` and ``h_last`` ``[batch, channels, N]``.
 
     Work items are blocks ``w = b * nblk + k`` of :data:`_CBLK` channels;
@@ -1189,7 +1204,7 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
     gsC = channels // C4.shape[2]
     nblk = (channels + _CBLK - 1) // _CBLK
     W = batch * nblk
-    S, K = _scan_rows(L, N, u.itemsize, tree_bytes, SEGMENT_BYTES)
+    S, K = _scan_rows(L, N, u.itemsize, tree_bytes, seg_bytes)
     for p in prange(P):
         xa = np.empty((S + 1, N), dtype=u.dtype)         # the tree, or one segment of it
         xb = np.empty((S + 1, N), dtype=u.dtype)
@@ -1208,7 +1223,7 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
             else:
                 _gather_columns(dtB, b, c0, nb, cols[2])
             _forward_block(xa, xb, Ta, Tb, cols, 1 if fl[0] > 0 else 2, nb, A, B4, h0, b, c0,
-                           gsB, C4, gsC, h_last)
+                           gsB, C4, gsC, h_last, seg_bytes)
             if fl[4] > 0:                                    # the epilogue, column by column
                 if fl[6] > 0:
                     _gather_columns(z, b, c0, nb, cols[4])
@@ -1240,7 +1255,7 @@ def _gate_backward(cols, l, c, D, fl, lo, hi):
 
 @njit(cache=True)
 def _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0, gsB, gsC,
-                      dA, dB, dC, dh0, gate, D, fl, raw, dD_rows):
+                      dA, dB, dC, dh0, gate, D, fl, raw, dD_rows, seg_bytes):
     """The backward of channel ``c = c0 + l`` of a block, with its four trees stored
     (``[L_pad + 1, N]`` each):
 
@@ -1263,7 +1278,7 @@ def _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0, gs
     oC0, sC = _bc_rows(C4, b, c, gsC, N)
     # 1. recompute the forward states with the log-depth scan
     _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC,
-                   cols[5, l], gate)              # with the gate, y[t] = C[t] . h[t]
+                   cols[5, l], gate, seg_bytes)   # with the gate, y[t] = C[t] . h[t]
     if gate:
         _gate_backward(cols, l, c, D, fl, 0, L)
         if raw:
@@ -1277,7 +1292,7 @@ def _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0, gs
     #    identity before it (s < L_pad - L)
     odh = (b * channels + c) * N
     if Lp >= 8:          # segment by segment: the elements and the up-sweep (as forward)
-        S = _segment_rows(Lp, N, xa.itemsize, SEGMENT_BYTES)
+        S = _segment_rows(Lp, N, xa.itemsize, seg_bytes)
         for lo in range(0, Lp, S):
             _adjoint_first3(abf, 0, C4f, oC0, sC, dyc, dhf, odh, xaf, Gf, L, Lp, lo, lo + S,
                             0, N)
@@ -1456,7 +1471,7 @@ def _forward_segment_up(F, cols, l, k, A, B4, h0, b, c, gsB):
 @njit(parallel=True, cache=True)
 def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                      du, ddt, ddtB, dh0, dA_p, dB_p, dC_p, P, fl, z, D, dy_out, dz, bias,
-                     dD_rows, db_rows, tree_bytes):
+                     dD_rows, db_rows, tree_bytes, seg_bytes, bseg_bytes):
     """Fill ``du, ddt, ddtB`` ``[batch, L, channels]``, ``dh0`` ``[batch, channels, N]``
     and partition ``p``'s slices of the accumulators ``dA_p`` ``[P, channels, N]``,
     ``dB_p`` ``[P, *B4.shape]``, ``dC_p`` ``[P, *C4.shape]`` (float64, zeroed).
@@ -1484,7 +1499,7 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     gsC = channels // C4.shape[2]
     nblk = (channels + _CBLK - 1) // _CBLK
     W = batch * nblk
-    S, K = _scan_rows(L, N, u.itemsize, tree_bytes, BACKWARD_SEGMENT_BYTES)
+    S, K = _scan_rows(L, N, u.itemsize, tree_bytes, bseg_bytes)
     R = S + 1 if K == 0 else 1           # the stored trees' rows (none without them)
     gate = fl[0] > 0
     raw = gate and fl[3] > 0
@@ -1499,7 +1514,7 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
         Tf = np.empty((2, _CBLK, K + 1, N), dtype=u.dtype)
         Tg = np.empty((2, _CBLK, K + 1, N), dtype=u.dtype)
         Afirst = np.empty((_CBLK, K + 1, N), dtype=u.dtype)
-        ybuf = np.empty(S, dtype=u.dtype)
+        ybuf = np.empty(S if K else 0, dtype=u.dtype)   # y of a segment's steps
         # a block's u, dt, dtB, dy along time; the gradients du, ddt, ddtB of a
         # channel replace its u, dt, dtB once read
         # ... and z, y (then dz) for the gate, and the raw delta
@@ -1525,7 +1540,7 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 for l in range(nb):
                     _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0,
                                       gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
-                                      raw, dD_rows)
+                                      raw, dD_rows, seg_bytes)
             else:
                 _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_last,
                                 b, c0, gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
@@ -1608,7 +1623,7 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last,
                     _partitions(batch * -(-channels // _CBLK)), A[:, 0], np.zeros(7, u.dtype),
-                    u, A[:, 0], TREE_BYTES)
+                    u, A[:, 0], TREE_BYTES, SEGMENT_BYTES)
     return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
 
 
@@ -1660,7 +1675,8 @@ def fused_forward(u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, out, h_last,
                     _partitions(batch * -(-channels // _CBLK)), bias, fl,
                     u if z is None else np.ascontiguousarray(z, dtype=u.dtype),
-                    zero if D is None else np.ascontiguousarray(D, dtype=u.dtype), TREE_BYTES)
+                    zero if D is None else np.ascontiguousarray(D, dtype=u.dtype), TREE_BYTES,
+                    SEGMENT_BYTES)
     saved = LogDepthSaved(u, None if raw else dt, None if raw else dtB, A, B4, C4, h0)
     return out, h_last, saved
 
@@ -1727,7 +1743,8 @@ def _run_backward(dy, dh_last, u, dt, dtB, A, B4, C4, h0, fl, z, D, bias, ddtB, 
     dD_rows = np.zeros((batch, channels), u.dtype)
     db_rows = np.zeros((batch, channels), u.dtype)
     _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0, du, ddt, ddtB, dh0, dA_p, dB_p,
-                     dC_p, P, fl, z, D, dy_out, dz, bias, dD_rows, db_rows, BACKWARD_TREE_BYTES)
+                     dC_p, P, fl, z, D, dy_out, dz, bias, dD_rows, db_rows, BACKWARD_TREE_BYTES,
+                     SEGMENT_BYTES, BACKWARD_SEGMENT_BYTES)
     dtype = u.dtype
     return du, ddt, {"A": dA_p.sum(axis=0).astype(dtype), "B4": dB_p.sum(axis=0).astype(dtype),
                      "C4": dC_p.sum(axis=0).astype(dtype), "h0": dh0, "dD_rows": dD_rows,
