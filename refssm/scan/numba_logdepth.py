@@ -1238,10 +1238,11 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
 #: Measured at state 16, 128 channels, 2 threads: at seq_len 16384 (2 MiB trees in
 #: float64) storing was 13-20% faster in both dtypes, at 32768 28% (float64) and 18%
 #: (float32) slower; at 65536 (W4) not storing took the float64 backward from 1754 to
-#: 1180 ms and float32's from 895 to 760.
+#: 1180 ms and float32's from 895 to 760 (16 KiB segments).
 BACKWARD_TREE_BYTES = 1 << 21
-#: Segments of 16 and 64 KiB measured the same at W4; the backward keeps five.
-BACKWARD_SEGMENT_BYTES = 1 << 14
+#: The backward keeps five segments. At W4 (2 threads), 8 to 128 KiB measured within the
+#: run-to-run noise (~10%); 64 KiB was never slower than 16 KiB in either dtype.
+BACKWARD_SEGMENT_BYTES = 1 << 16
 
 
 @njit(cache=True)
