@@ -1024,14 +1024,13 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
     and ``C`` serve the block's channels one after the other while in cache
     (at ``seq_len`` 65536 they are 8 MiB each, read once per channel otherwise):
 
-    1. each segment, each channel: elements and up-sweep (:func:`_fill_first3`,
-       :func:`_upsweep_rows`); its total (last row) to ``Ta, Tb``;
+    1. each segment, each channel: elements and up-sweep (:func:`_segment_up`);
+       its total (last row) to ``Ta, Tb``;
     2. each channel, the tree of its totals, up and down (:func:`_upsweep`,
        :func:`_downsweep`): ``Tb[l, k]`` is then segment ``k``'s prefix,
        ``Tb[l, K]`` the total;
-    3. each segment, each channel again: the same elements and up-sweep, the
-       prefix into the segment's last row, its down-sweep
-       (:func:`_downsweep_segment`), ``y`` of its rows.
+    3. each segment, each channel again: the same elements and up-sweep, its
+       down-sweep from its prefix (:func:`_segment_down`), ``y`` of its rows.
 
     Steps 1-2 are the whole tree's up-sweep and levels above the segments,
     step 3 its segments' down-sweeps: the same nodes and operations as
@@ -1049,35 +1048,26 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
                 h_last[b, c0 + l, n] = xb[L, n]
         return
     S = xa.shape[0] - 1
-    Af, Bf, Cf, h0f = A.reshape(-1), B4.reshape(-1), C4.reshape(-1), h0.reshape(-1)
-    af, bf = xa.reshape(-1), xb.reshape(-1)
+    Cf, bf = C4.reshape(-1), xb.reshape(-1)
     for step in range(2):
         for k in range(K):
             lo = k * S
             for l in range(nb):
                 c = c0 + l
-                oB0, sB = _bc_rows(B4, b, c, gsB, N)
-                oC0, sC = _bc_rows(C4, b, c, gsC, N)
                 if lo >= L:              # all padding: the identity, exactly
                     if step == 0:
                         for n in range(N):
                             Ta[l, k, n] = 1.0
                             Tb[l, k, n] = 0.0
                     continue
-                _fill_first3(Af, c * N, Bf, oB0 + lo * sB, sB,
-                             cols[1, l, lo:], cols[dtB_row, l, lo:], cols[0, l, lo:], h0f,
-                             (b * A.shape[0] + c) * N, af, bf, af, L - lo, 0, S, N,
-                             1 if k == 0 else 0)
-                _upsweep_rows(af, bf, 8, 0, S, N)
+                _segment_up(xa, xb, xa, False, cols, dtB_row, l, k, A, B4, h0, b, c, gsB)
                 if step == 0:
                     for n in range(N):
                         Ta[l, k, n] = xa[S - 1, n]
                         Tb[l, k, n] = xb[S - 1, n]
                     continue
-                for n in range(N):
-                    xb[S - 1, n] = Tb[l, k, n]       # the segment's prefix
-                    xb[S, n] = Tb[l, k + 1, n]       # the next one's: h at its last row
-                _downsweep_segment(af, bf, 0, S, N)
+                _segment_down(xa, xb, Tb[l], k)
+                oC0, sC = _bc_rows(C4, b, c, gsC, N)
                 _read_out(Cf, oC0 + lo * sC, sC, bf, cols[3, l, lo:], 1, S + 1, L - lo, N)
                 if L - lo <= S:
                     for n in range(N):
@@ -1394,7 +1384,7 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
                     Tf[0, l, k, n] = Tg[0, l, j, n] = 1.0
                     Tf[1, l, k, n] = Tg[1, l, j, n] = 0.0
                 continue
-            _forward_segment_up(F, cols, l, k, A, B4, h0, b, c0 + l, gsB)
+            _segment_up(F[0], F[1], F[2], True, cols, 2, l, k, A, B4, h0, b, c0 + l, gsB)
             for n in range(N):
                 Tf[0, l, k, n] = F[0, S - 1, n]
                 Tf[1, l, k, n] = F[1, S - 1, n]
@@ -1425,11 +1415,8 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
             c = c0 + l
             oB0, sB = _bc_rows(B4, b, c, gsB, N)
             oC0, sC = _bc_rows(C4, b, c, gsC, N)
-            _forward_segment_up(F, cols, l, k, A, B4, h0, b, c, gsB)
-            for n in range(N):
-                F[1, S - 1, n] = Tf[1, l, k, n]
-                F[1, S, n] = Tf[1, l, k + 1, n]
-            _downsweep_segment(F[0].reshape(-1), fh, 0, S, N)   # F[1, r] = h[kS + r - 1]
+            _segment_up(F[0], F[1], F[2], True, cols, 2, l, k, A, B4, h0, b, c, gsB)
+            _segment_down(F[0], F[1], Tf[1, l], k)      # F[1, r] = h[kS + r - 1]
             if gate:                     # y = C . h, then dz (over d_out in cols[3])
                 _read_out(Cf, oC0 + lo * sC, sC, fh, ybuf, 1, S + 1, n_t, N)
                 _column_gate_dz(cols[3, l], lo, ybuf, 0, cols[0, l], lo, cols[4, l], lo, D[c],
@@ -1438,10 +1425,7 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
                 for n in range(N):
                     F[1, 0, n] = h0[b, c, n]         # H[0] = h0 (was the identity)
             adjoint_up(l, k)
-            for n in range(N):
-                Gs[1, S - 1, n] = Tg[1, l, j, n]
-                Gs[1, S, n] = Tg[1, l, j + 1, n]
-            _downsweep_segment(ga, gb, 0, S, N)
+            _segment_down(Gs[0], Gs[1], Tg[1, l], j)
             _local_range(lo, lo + n_t, gb, fh, fab, Af, Bf, dAf, dBf, dCf, cols[1, l],
                          cols[2, l], cols[0, l], cols[dyr, l], c, oB0, sB, oC0, sC, lo + S, lo,
                          N)
@@ -1451,22 +1435,43 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
 
 
 @njit(cache=True)
-def _forward_segment_up(F, cols, l, k, A, B4, h0, b, c, gsB):
-    """Segment ``k`` (``S`` rows) of channel ``c = c0 + l``'s forward tree into ``F``
-    ``[3, S + 1, N]``: its elements (``F[2]`` keeps ``A_bar``; ``h0`` folded into
-    segment 0) and its own up-sweep, its total in row ``S - 1`` (as in
-    :func:`_forward_block`)."""
+def _segment_up(xa, xb, ab, keep, cols, dtB_row, l, k, A, B4, h0, b, c, gsB):
+    """Segment ``k`` of channel ``c = c0 + l``'s forward tree into ``xa, xb`` ``[S + 1,
+    N]``: its elements (``h0`` folded into segment 0; with ``keep``, ``A_bar`` also
+    into ``ab``) and its own up-sweep, its total in row ``S - 1`` (the no-store paths,
+    :func:`_forward_block` and :func:`_backward_block`; ``cols[0]``, ``cols[1]``,
+    ``cols[dtB_row]``: ``u``, ``dt``, ``dtB``)."""
     L = cols.shape[2]
     N = A.shape[1]
-    S = F.shape[1] - 1
+    S = xa.shape[0] - 1
     lo = k * S
     oB0, sB = _bc_rows(B4, b, c, gsB, N)
-    fa, fh, fab = F[0].reshape(-1), F[1].reshape(-1), F[2].reshape(-1)
-    _fill_first3_keep(A.reshape(-1), c * N, B4.reshape(-1), oB0 + lo * sB, sB, cols[1, l, lo:],
-                      cols[2, l, lo:], cols[0, l, lo:], h0.reshape(-1),
-                      (b * A.shape[0] + c) * N, fa, fh, fab, L - lo, 0, S, N,
-                      1 if k == 0 else 0)
-    _upsweep_rows(fa, fh, 8, 0, S, N)
+    af, bf = xa.reshape(-1), xb.reshape(-1)
+    fold = 1 if k == 0 else 0
+    if keep:
+        _fill_first3_keep(A.reshape(-1), c * N, B4.reshape(-1), oB0 + lo * sB, sB,
+                          cols[1, l, lo:], cols[dtB_row, l, lo:], cols[0, l, lo:],
+                          h0.reshape(-1), (b * A.shape[0] + c) * N, af, bf, ab.reshape(-1),
+                          L - lo, 0, S, N, fold)
+    else:
+        _fill_first3(A.reshape(-1), c * N, B4.reshape(-1), oB0 + lo * sB, sB,
+                     cols[1, l, lo:], cols[dtB_row, l, lo:], cols[0, l, lo:], h0.reshape(-1),
+                     (b * A.shape[0] + c) * N, af, bf, af, L - lo, 0, S, N, fold)
+    _upsweep_rows(af, bf, 8, 0, S, N)
+
+
+@njit(cache=True)
+def _segment_down(xa, xb, Tb, k):
+    """Segment ``k``'s down-sweep in ``xa, xb`` ``[S + 1, N]`` (after :func:`_segment_up`),
+    from the prefixes in ``Tb`` ``[K + 1, N]`` (the tree of the segments' totals, swept):
+    row ``S - 1`` takes segment ``k``'s prefix, row ``S`` the next one's (the state at the
+    segment's last row); then row ``r`` holds the prefix of the segment's row ``r - 1``."""
+    S = xa.shape[0] - 1
+    N = xa.shape[1]
+    for n in range(N):
+        xb[S - 1, n] = Tb[k, n]
+        xb[S, n] = Tb[k + 1, n]
+    _downsweep_segment(xa.reshape(-1), xb.reshape(-1), 0, S, N)
 
 
 @njit(parallel=True, cache=True)
