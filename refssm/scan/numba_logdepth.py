@@ -67,15 +67,17 @@ scan per work item) instead of being stored; then the local formulas of
 
 Parallelism and memory: ``prange`` over ``N_PARTS`` (8) fixed
 *partitions* of the flattened ``batch x channel blocks`` work items (blocks of
-8 channels; batch 1 still uses every thread). A block's ``[batch, L,
-channels]`` inputs are first copied into ``[8, seq_len]`` columns (each cache
-line and memory page read once for the 8 channels, instead of once per
-channel and step), its channels are scanned from there (one by one, or side
-by side segment by segment for long sequences, see below), and their
-outputs go back the same way. Each partition owns ``[L_pad + 1, state]``
-scratch buffers (two in the forward, four in the backward; for long
-sequences instead segments of them and ``[8, K + 1, state]`` segment
-totals), the columns (``5 x 8 x seq_len``; 7 in the backward) and, in the backward, private float64
+``cb`` = 8 channels in float64, 16 in float32: one 64-byte line per step;
+batch 1 still uses every thread). A block's ``[batch, L, channels]`` inputs
+are first copied into ``[cb, seq_len]`` columns (each cache line and memory
+page read once for the block's channels, instead of once per channel and
+step), its channels are scanned from there (one by one, or side by side
+segment by segment for long sequences, see below), and their outputs go
+back the same way. Each partition owns ``[L_pad + 1, state]`` scratch
+buffers (two in the forward, four in the backward; for long sequences
+instead segments of them and ``[cb, K + 1, state]`` segment totals), the
+columns (``5 x cb x (seq_len + 64 bytes)``; 7 in the backward) and, in the
+backward, private float64
 accumulators for the ``A``, ``B4`` and ``C4`` gradients (sums over channels,
 batch and, when constant, time), added up after the parallel loop:
 race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. The partitions
@@ -1011,15 +1013,15 @@ def _scan_rows(L, N, itemsize, tree_bytes, segment_bytes):
 
 
 @njit(cache=True)
-def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4, gsC, h_last,
-                   seg_bytes):
+def _forward_block(xa, xb, Ta, Tb, cols, L, dtB_row, nb, A, B4, h0, b, c0, gsB, C4, gsC,
+                   h_last, seg_bytes):
     """The forward of the ``nb`` channels ``c0 + l`` of a block: ``cols[3, l, t] = C[t] . h[t]``,
     ``h_last[b, c0 + l] = h[L - 1]`` (``cols[0]``, ``cols[1]``, ``cols[dtB_row]``: ``u``,
     ``dt``, ``dtB``).
 
     When the tree is small (``Ta`` has one row), channel by channel
     :func:`_fill_and_scan` in ``xa, xb`` ``[L_pad + 1, N]``. Otherwise ``xa,
-    xb`` hold one segment (``[S + 1, N]``) and ``Ta, Tb`` ``[8, K + 1, N]``
+    xb`` hold one segment (``[S + 1, N]``) and ``Ta, Tb`` ``[cb, K + 1, N]``
     the segments' totals; no tree is stored, and each segment's rows of ``B``
     and ``C`` serve the block's channels one after the other while in cache
     (at ``seq_len`` 65536 they are 8 MiB each, read once per channel otherwise):
@@ -1037,13 +1039,13 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
     :func:`_fill_and_scan`, so the same bits, for twice the elements and
     up-sweeps.
     """
-    L = cols.shape[2]
     N = A.shape[1]
     K = Ta.shape[1] - 1
     if K == 0:
         for l in range(nb):
-            _fill_and_scan(xa, xb, xa, False, cols[0, l], cols[1, l], cols[dtB_row, l], A, B4,
-                           h0, b, c0 + l, gsB, C4, gsC, cols[3, l], True, seg_bytes)
+            _fill_and_scan(xa, xb, xa, False, cols[0, l, :L], cols[1, l, :L],
+                           cols[dtB_row, l, :L], A, B4, h0, b, c0 + l, gsB, C4, gsC,
+                           cols[3, l, :L], True, seg_bytes)
             for n in range(N):
                 h_last[b, c0 + l, n] = xb[L, n]
         return
@@ -1060,7 +1062,7 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
                             Ta[l, k, n] = 1.0
                             Tb[l, k, n] = 0.0
                     continue
-                _segment_up(xa, xb, xa, False, cols, dtB_row, l, k, A, B4, h0, b, c, gsB)
+                _segment_up(xa, xb, xa, False, cols, L, dtB_row, l, k, A, B4, h0, b, c, gsB)
                 if step == 0:
                     for n in range(N):
                         Ta[l, k, n] = xa[S - 1, n]
@@ -1078,8 +1080,27 @@ def _forward_block(xa, xb, Ta, Tb, cols, dtB_row, nb, A, B4, h0, b, c0, gsB, C4,
                 _downsweep(Ta[l], Tb[l], K)
 
 
-#: Channels staged together (one 64-byte line of float64 values per time step).
-_CBLK = 8
+@njit(cache=True)
+def _block_channels(itemsize):
+    """Channels of a work item: one 64-byte cache line of the inputs per time step, 8 in
+    float64 and 16 in float32 (with 8, a float32 block reads half of each line and the
+    next block the other half, long after: at seq_len 65536 each line came from memory
+    twice, and staging took twice as long)."""
+    return 64 // itemsize
+
+
+def _work_items(batch, channels, itemsize):
+    """``batch x`` blocks of :func:`_block_channels` channels."""
+    return batch * -(-channels // _block_channels(itemsize))
+
+
+@njit(cache=True)
+def _column_length(L, itemsize):
+    """Row length of the staged columns ``[rows, channels of a block, .]``: ``L`` and one
+    64-byte line more, so that a block's 8 or 16 columns do not start on the same set of
+    the L1 cache (which with ``L`` a multiple of 1024 they all would, 4 KiB apart, more
+    streams than the cache's 8 ways: 16 float32 columns gathered 4x slower)."""
+    return L + 64 // itemsize
 
 
 @njit(cache=True)
@@ -1089,17 +1110,30 @@ def _gather_columns(x, b, c0, nb, out):
     The work items read their inputs along time; straight from ``[batch, L,
     channels]`` that is one cache line and one memory page per step for each
     channel. Read for a block of channels at once, each line and page serves
-    ``nb`` of them. A full block is one straight run of 8 loads per step.
+    ``nb`` of them. A full block is one straight run of 8 (float64) or 16
+    (float32) loads per step, one cache line.
     """
     L, C = x.shape[1], x.shape[2]
     xf = x.reshape(-1)
     r = (b * L) * C + c0
-    if nb == _CBLK:
+    if nb == 8:
         o0, o1, o2, o3, o4, o5, o6, o7 = (out[0], out[1], out[2], out[3], out[4], out[5],
                                           out[6], out[7])
         for t in range(L):
             o0[t], o1[t], o2[t], o3[t] = xf[r], xf[r + 1], xf[r + 2], xf[r + 3]
             o4[t], o5[t], o6[t], o7[t] = xf[r + 4], xf[r + 5], xf[r + 6], xf[r + 7]
+            r += C
+        return
+    if nb == 16:
+        o0, o1, o2, o3, o4, o5, o6, o7 = (out[0], out[1], out[2], out[3], out[4], out[5],
+                                          out[6], out[7])
+        o8, o9, o10, o11, o12, o13, o14, o15 = (out[8], out[9], out[10], out[11], out[12],
+                                                out[13], out[14], out[15])
+        for t in range(L):
+            o0[t], o1[t], o2[t], o3[t] = xf[r], xf[r + 1], xf[r + 2], xf[r + 3]
+            o4[t], o5[t], o6[t], o7[t] = xf[r + 4], xf[r + 5], xf[r + 6], xf[r + 7]
+            o8[t], o9[t], o10[t], o11[t] = xf[r + 8], xf[r + 9], xf[r + 10], xf[r + 11]
+            o12[t], o13[t], o14[t], o15[t] = xf[r + 12], xf[r + 13], xf[r + 14], xf[r + 15]
             r += C
         return
     for t in range(L):
@@ -1114,12 +1148,24 @@ def _scatter_columns(src, b, c0, nb, x):
     L, C = x.shape[1], x.shape[2]
     xf = x.reshape(-1)
     r = (b * L) * C + c0
-    if nb == _CBLK:
+    if nb == 8:
         s0, s1, s2, s3, s4, s5, s6, s7 = (src[0], src[1], src[2], src[3], src[4], src[5],
                                           src[6], src[7])
         for t in range(L):
             xf[r], xf[r + 1], xf[r + 2], xf[r + 3] = s0[t], s1[t], s2[t], s3[t]
             xf[r + 4], xf[r + 5], xf[r + 6], xf[r + 7] = s4[t], s5[t], s6[t], s7[t]
+            r += C
+        return
+    if nb == 16:
+        s0, s1, s2, s3, s4, s5, s6, s7 = (src[0], src[1], src[2], src[3], src[4], src[5],
+                                          src[6], src[7])
+        s8, s9, s10, s11, s12, s13, s14, s15 = (src[8], src[9], src[10], src[11], src[12],
+                                                src[13], src[14], src[15])
+        for t in range(L):
+            xf[r], xf[r + 1], xf[r + 2], xf[r + 3] = s0[t], s1[t], s2[t], s3[t]
+            xf[r + 4], xf[r + 5], xf[r + 6], xf[r + 7] = s4[t], s5[t], s6[t], s7[t]
+            xf[r + 8], xf[r + 9], xf[r + 10], xf[r + 11] = s8[t], s9[t], s10[t], s11[t]
+            xf[r + 12], xf[r + 13], xf[r + 14], xf[r + 15] = s12[t], s13[t], s14[t], s15[t]
             r += C
         return
     for t in range(L):
@@ -1172,7 +1218,7 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
                     seg_bytes):
     """Fill ``y`` ``[batch, L, channels]`` and ``h_last`` ``[batch, channels, N]``.
 
-    Work items are blocks ``w = b * nblk + k`` of :data:`_CBLK` channels;
+    Work items are blocks ``w = b * nblk + k`` of ``cb`` channels (:func:`_block_channels`);
     partition ``p`` of ``P`` takes ``[p W / P, (p+1) W / P)``. Per block: its
     ``u, dt, dtB`` are staged along time (:func:`_gather_columns`); its
     channels are discretised and scanned, and ``y[t] = C[t] . h[t]`` read out
@@ -1192,19 +1238,21 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
     N = A.shape[1]
     gsB = channels // B4.shape[2]
     gsC = channels // C4.shape[2]
-    nblk = (channels + _CBLK - 1) // _CBLK
+    cb = _block_channels(u.itemsize)
+    nblk = (channels + cb - 1) // cb
     W = batch * nblk
     S, K = _scan_rows(L, N, u.itemsize, tree_bytes, seg_bytes)
     for p in prange(P):
         xa = np.empty((S + 1, N), dtype=u.dtype)         # the tree, or one segment of it
         xb = np.empty((S + 1, N), dtype=u.dtype)
-        Ta = np.empty((_CBLK, K + 1, N), dtype=u.dtype)  # the segments' totals
-        Tb = np.empty((_CBLK, K + 1, N), dtype=u.dtype)
-        cols = np.empty((5, _CBLK, L), dtype=u.dtype)    # u, dt, dtB, y, z of a block
+        Ta = np.empty((cb, K + 1, N), dtype=u.dtype)     # the segments' totals
+        Tb = np.empty((cb, K + 1, N), dtype=u.dtype)
+        # u, dt, dtB, y, z of a block
+        cols = np.empty((5, cb, _column_length(L, u.itemsize)), dtype=u.dtype)
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
-            c0 = (w - b * nblk) * _CBLK
-            nb = min(_CBLK, channels - c0)
+            c0 = (w - b * nblk) * cb
+            nb = min(cb, channels - c0)
             _gather_columns(u, b, c0, nb, cols[0])
             _gather_columns(dt, b, c0, nb, cols[1])
             if fl[0] > 0:                                    # the prologue, column by column
@@ -1212,8 +1260,8 @@ def _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last, P, bias, fl, z, D, tre
                     _column_prologue(cols[1, l], 0, bias[c0 + l], fl[1], fl[2], fl[3], L)
             else:
                 _gather_columns(dtB, b, c0, nb, cols[2])
-            _forward_block(xa, xb, Ta, Tb, cols, 1 if fl[0] > 0 else 2, nb, A, B4, h0, b, c0,
-                           gsB, C4, gsC, h_last, seg_bytes)
+            _forward_block(xa, xb, Ta, Tb, cols, L, 1 if fl[0] > 0 else 2, nb, A, B4, h0, b,
+                           c0, gsB, C4, gsC, h_last, seg_bytes)
             if fl[4] > 0:                                    # the epilogue, column by column
                 if fl[6] > 0:
                     _gather_columns(z, b, c0, nb, cols[4])
@@ -1245,7 +1293,7 @@ def _gate_backward(cols, l, c, D, fl, lo, hi):
 
 
 @njit(cache=True)
-def _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0, gsB, gsC,
+def _backward_channel(abar, H, xa, G, cols, L, l, A, B4, C4, h0, dh_last, b, c0, gsB, gsC,
                       dA, dB, dC, dh0, gate, D, fl, raw, dD_rows, seg_bytes):
     """The backward of channel ``c = c0 + l`` of a block, with its four trees stored
     (``[L_pad + 1, N]`` each):
@@ -1257,19 +1305,18 @@ def _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0, gs
     3. the local gradient formulas (:func:`_local_range`), a segment at a time right
        after the adjoint's down-sweep of that segment.
     """
-    L = cols.shape[2]
     N = A.shape[1]
     Lp = padded_length(L)
     channels = A.shape[0]
     c = c0 + l
-    uc, dtc, dtBc, dyc = cols[0, l], cols[1, l], cols[2, l], cols[3, l]
+    uc, dtc, dtBc, dyc = cols[0, l, :L], cols[1, l, :L], cols[2, l, :L], cols[3, l, :L]
     Gf, Hf, abf, xaf = G.reshape(-1), H.reshape(-1), abar.reshape(-1), xa.reshape(-1)
     Af, Bf, C4f, dhf = A.reshape(-1), B4.reshape(-1), C4.reshape(-1), dh_last.reshape(-1)
     oB0, sB = _bc_rows(B4, b, c, gsB, N)
     oC0, sC = _bc_rows(C4, b, c, gsC, N)
     # 1. recompute the forward states with the log-depth scan
     _fill_and_scan(xa, H, abar, True, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gsC,
-                   cols[5, l], gate, seg_bytes)   # with the gate, y[t] = C[t] . h[t]
+                   cols[5, l, :L], gate, seg_bytes)   # with the gate, y[t] = C[t] . h[t]
     if gate:
         _gate_backward(cols, l, c, D, fl, 0, L)
         if raw:
@@ -1319,18 +1366,18 @@ def _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0, gs
 
 
 @njit(cache=True)
-def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_last, b, c0, gsB,
-                    gsC, dA, dB, dC, dh0, gate, D, fl, raw, dD_rows):
+def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, L, nb, A, B4, C4, h0, dh_last, b, c0,
+                    gsB, gsC, dA, dB, dC, dh0, gate, D, fl, raw, dD_rows):
     """The backward of the ``nb`` channels ``c0 + l`` of a block without stored trees:
     what :func:`_backward_channel` computes, to the bit, from segments of ``S`` rows.
 
     ``F`` ``[3, S + 1, N]`` holds one segment of the forward tree (scratch ``a``,
     ``H``, ``abar``), ``Gs`` ``[2, S + 1, N]`` one of the adjoint's (scratch ``a``,
-    ``G``); ``Tf``, ``Tg`` ``[2, 8, K + 1, N]`` the segments' totals. The adjoint's
+    ``G``); ``Tf``, ``Tg`` ``[2, cb, K + 1, N]`` the segments' totals. The adjoint's
     rows are ``s = L_pad - 1 - t``, so its segment ``K - 1 - k`` holds the steps of
     the forward's segment ``k``; its elements need ``A_bar[t + 1]``: the forward
     segment's rows 1 .. S and the next segment's row 0, kept in ``Afirst[l, k + 1]``
-    (``[8, K + 1, N]``). With the ``gate``, ``cols[3]`` holds ``d out``: the core's
+    (``[cb, K + 1, N]``). With the ``gate``, ``cols[3]`` holds ``d out``: the core's
     ``dy = d_out silu(z)`` goes to ``cols[5]`` (it needs no ``y``) and ``dz`` to
     ``cols[3]``.
 
@@ -1351,7 +1398,6 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
     of their float64 gradient sums serve all of them while in cache (at ``seq_len``
     65536 they are 8 MiB each), and no tree streams through memory.
     """
-    L = cols.shape[2]
     N = A.shape[1]
     channels = A.shape[0]
     S = F.shape[1] - 1
@@ -1384,7 +1430,7 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
                     Tf[0, l, k, n] = Tg[0, l, j, n] = 1.0
                     Tf[1, l, k, n] = Tg[1, l, j, n] = 0.0
                 continue
-            _segment_up(F[0], F[1], F[2], True, cols, 2, l, k, A, B4, h0, b, c0 + l, gsB)
+            _segment_up(F[0], F[1], F[2], True, cols, L, 2, l, k, A, B4, h0, b, c0 + l, gsB)
             for n in range(N):
                 Tf[0, l, k, n] = F[0, S - 1, n]
                 Tf[1, l, k, n] = F[1, S - 1, n]
@@ -1415,7 +1461,7 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
             c = c0 + l
             oB0, sB = _bc_rows(B4, b, c, gsB, N)
             oC0, sC = _bc_rows(C4, b, c, gsC, N)
-            _segment_up(F[0], F[1], F[2], True, cols, 2, l, k, A, B4, h0, b, c, gsB)
+            _segment_up(F[0], F[1], F[2], True, cols, L, 2, l, k, A, B4, h0, b, c, gsB)
             _segment_down(F[0], F[1], Tf[1, l], k)      # F[1, r] = h[kS + r - 1]
             if gate:                     # y = C . h, then dz (over d_out in cols[3])
                 _read_out(Cf, oC0 + lo * sC, sC, fh, ybuf, 1, S + 1, n_t, N)
@@ -1435,13 +1481,12 @@ def _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_las
 
 
 @njit(cache=True)
-def _segment_up(xa, xb, ab, keep, cols, dtB_row, l, k, A, B4, h0, b, c, gsB):
+def _segment_up(xa, xb, ab, keep, cols, L, dtB_row, l, k, A, B4, h0, b, c, gsB):
     """Segment ``k`` of channel ``c = c0 + l``'s forward tree into ``xa, xb`` ``[S + 1,
     N]``: its elements (``h0`` folded into segment 0; with ``keep``, ``A_bar`` also
     into ``ab``) and its own up-sweep, its total in row ``S - 1`` (the no-store paths,
     :func:`_forward_block` and :func:`_backward_block`; ``cols[0]``, ``cols[1]``,
-    ``cols[dtB_row]``: ``u``, ``dt``, ``dtB``)."""
-    L = cols.shape[2]
+    ``cols[dtB_row]``: ``u``, ``dt``, ``dtB`` of ``L`` steps)."""
     N = A.shape[1]
     S = xa.shape[0] - 1
     lo = k * S
@@ -1482,7 +1527,7 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     and partition ``p``'s slices of the accumulators ``dA_p`` ``[P, channels, N]``,
     ``dB_p`` ``[P, *B4.shape]``, ``dC_p`` ``[P, *C4.shape]`` (float64, zeroed).
 
-    Per work item (a block of :data:`_CBLK` channels, staged as in the forward):
+    Per work item (a block of ``cb`` channels, staged as in the forward):
     when ``L_pad N itemsize <= tree_bytes``, channel by channel with its four
     trees stored (:func:`_backward_channel`); otherwise without stored trees,
     the block's channels side by side, segment by segment
@@ -1503,7 +1548,8 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
     N = A.shape[1]
     gsB = channels // B4.shape[2]
     gsC = channels // C4.shape[2]
-    nblk = (channels + _CBLK - 1) // _CBLK
+    cb = _block_channels(u.itemsize)
+    nblk = (channels + cb - 1) // cb
     W = batch * nblk
     S, K = _scan_rows(L, N, u.itemsize, tree_bytes, bseg_bytes)
     R = S + 1 if K == 0 else 1           # the stored trees' rows (none without them)
@@ -1517,18 +1563,18 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
         # without stored trees: a segment of each tree per channel, the segments' totals
         F = np.empty((3, S + 1 if K else 0, N), dtype=u.dtype)
         Gs = np.empty((2, S + 1 if K else 0, N), dtype=u.dtype)
-        Tf = np.empty((2, _CBLK, K + 1, N), dtype=u.dtype)
-        Tg = np.empty((2, _CBLK, K + 1, N), dtype=u.dtype)
-        Afirst = np.empty((_CBLK, K + 1, N), dtype=u.dtype)
+        Tf = np.empty((2, cb, K + 1, N), dtype=u.dtype)
+        Tg = np.empty((2, cb, K + 1, N), dtype=u.dtype)
+        Afirst = np.empty((cb, K + 1, N), dtype=u.dtype)
         ybuf = np.empty(S if K else 0, dtype=u.dtype)   # y of a segment's steps
         # a block's u, dt, dtB, dy along time; the gradients du, ddt, ddtB of a
         # channel replace its u, dt, dtB once read
         # ... and z, y (then dz) for the gate, and the raw delta
-        cols = np.empty((7, _CBLK, L), dtype=u.dtype)
+        cols = np.empty((7, cb, _column_length(L, u.itemsize)), dtype=u.dtype)
         for w in range((p * W) // P, ((p + 1) * W) // P):
             b = w // nblk
-            c0 = (w - b * nblk) * _CBLK
-            nb = min(_CBLK, channels - c0)
+            c0 = (w - b * nblk) * cb
+            nb = min(cb, channels - c0)
             _gather_columns(u, b, c0, nb, cols[0])
             if raw:
                 _gather_columns(dt, b, c0, nb, cols[6])
@@ -1544,12 +1590,12 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                 _gather_columns(z, b, c0, nb, cols[4])
             if K == 0:
                 for l in range(nb):
-                    _backward_channel(abar, H, xa, G, cols, l, A, B4, C4, h0, dh_last, b, c0,
+                    _backward_channel(abar, H, xa, G, cols, L, l, A, B4, C4, h0, dh_last, b, c0,
                                       gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
                                       raw, dD_rows, seg_bytes)
             else:
-                _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, nb, A, B4, C4, h0, dh_last,
-                                b, c0, gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
+                _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, L, nb, A, B4, C4, h0,
+                                dh_last, b, c0, gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
                                 raw, dD_rows)
             dyr = 5 if gate and K > 0 else 3     # the core's dy (and dz in the other one)
             if raw:              # d delta into dtc, du += dy D (and sum_t d delta)
@@ -1628,7 +1674,7 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     y = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last,
-                    _partitions(batch * -(-channels // _CBLK)), A[:, 0], np.zeros(7, u.dtype),
+                    _partitions(_work_items(batch, channels, u.itemsize)), A[:, 0], np.zeros(7, u.dtype),
                     u, A[:, 0], TREE_BYTES, SEGMENT_BYTES)
     return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
 
@@ -1679,7 +1725,7 @@ def fused_forward(u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h
     out = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, out, h_last,
-                    _partitions(batch * -(-channels // _CBLK)), bias, fl,
+                    _partitions(_work_items(batch, channels, u.itemsize)), bias, fl,
                     u if z is None else np.ascontiguousarray(z, dtype=u.dtype),
                     zero if D is None else np.ascontiguousarray(D, dtype=u.dtype), TREE_BYTES,
                     SEGMENT_BYTES)
@@ -1738,7 +1784,7 @@ def _run_backward(dy, dh_last, u, dt, dtB, A, B4, C4, h0, fl, z, D, bias, ddtB, 
     ``ddtB``, ``dy_out``, ``dz`` that ``fl`` leaves unwritten may be None.
     """
     batch, _, channels = u.shape
-    P = _partitions(batch * -(-channels // _CBLK))
+    P = _partitions(_work_items(batch, channels, u.itemsize))
     du = np.empty_like(u)
     ddtB, dy_out, dz = (du if x is None else x for x in (ddtB, dy_out, dz))   # placeholders
     ddt = np.empty_like(u)
