@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="time the selective-scan engines",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Median of --repeats runs after a warm-up, forward and forward+backward, "
+        description="Median of --repeats runs after a warm-up (for the scan engines, more runs "
+                    "while they add up to less than 0.5 s), forward and forward+backward, "
                     "for the NumPy, Numba fused and Numba log-depth engines (and a torch "
                     "transcription when torch is installed), with ratios against NumPy and the "
                     "peak extra memory. W1=(1,1536,2048,16) W2=(8,512,1024,16) W3=(1,256,60,16) "

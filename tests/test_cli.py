@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +47,20 @@ def test_bench_runs_on_tiny_sizes():
         assert r.forward > 0 and r.forward_backward > 0 and np.isfinite(r.forward)
     table = format_bench(res)
     assert "x numpy" in table and "1.0x" in table
+
+
+def test_bench_repeats_short_runs_until_min_time():
+    """A figure is the median of ``repeats`` runs after a warm-up, and of more runs (up to
+    ``100 repeats``) while they add up to less than ``min_time`` seconds."""
+    from refssm.bench import _median_time
+    calls = []
+    assert _median_time(lambda: calls.append(1), 3) >= 0 and len(calls) == 1 + 3
+    calls.clear()
+    _median_time(lambda: calls.append(1), 3, min_time=60.0)
+    assert len(calls) == 1 + 300
+    calls.clear()
+    _median_time(lambda: (calls.append(1), time.sleep(0.002)), 3, min_time=0.03)
+    assert 1 + 3 < len(calls) < 1 + 300
 
 
 def test_bench_rejects_unknown_workload(capsys):
