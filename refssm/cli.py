@@ -45,6 +45,9 @@ def _cmd_bench(args) -> int:
         print(f"refssm bench: unknown --what {unknown}; expected scan, models, s5",
               file=sys.stderr)
         return 2
+    if args.repeats < 1:
+        print(f"refssm bench: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+        return 2
     workloads = args.workloads.split(",")
     for w in workloads:
         if w not in WORKLOADS:

@@ -61,6 +61,13 @@ def test_bench_repeats_short_runs_until_min_time():
     calls.clear()
     _median_time(lambda: (calls.append(1), time.sleep(0.002)), 3, min_time=0.03)
     assert 1 + 3 < len(calls) < 1 + 300
+    with pytest.raises(ValueError, match="repeats: expected an integer >= 1, got 0"):
+        _median_time(lambda: None, 0)
+
+
+def test_bench_rejects_zero_repeats(capsys):
+    assert main(["bench", "--what", "scan", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_workload(capsys):

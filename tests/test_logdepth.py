@@ -379,36 +379,45 @@ def test_bad_layout_is_an_error(which, shape, match):
         ld.scan_core_forward(*args)
 
 
+@pytest.mark.parametrize("forced", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_blocks_of_channels_stage_each_channel_in_its_place(dtype):
-    """A work item stages one cache line of channels per step (``_block_channels``: 8 in
+def test_blocks_of_channels_stage_each_channel_in_its_place(dtype, forced, monkeypatch):
+    """A work item stages 64 bytes of channels per step (``_block_channels``: 8 in
     float64, 16 in float32; its own unrolled copy each way). Each channel's scan needs
     only its own columns, so with 40 channels (full blocks and a ragged one) every
     per-channel output and gradient is, to the bit, what that channel gives alone, and
     the block-wide copies put no channel's values in another's place; through the fused
-    prologue, gate and ``D`` too."""
+    prologue, gate and ``D`` too, with grouped ``B``/``C`` whose groups of 8 channels end
+    inside float32 blocks, and (``forced``) on the paths without stored trees, 8-row
+    segments, where a block's channels go side by side."""
     assert ld._block_channels(np.dtype(dtype).itemsize) == 64 // np.dtype(dtype).itemsize
+    if forced:
+        for name, v in (("TREE_BYTES", 1), ("SEGMENT_BYTES", 1), ("BACKWARD_TREE_BYTES", 0),
+                        ("BACKWARD_SEGMENT_BYTES", 1)):
+            monkeypatch.setattr(ld, name, v)
     rng = np.random.default_rng(21)
-    batch, L, ch, N = 2, 37, 40, 4
+    batch, L, ch, N, G = 2, 37, 40, 4, 5
     a = dict(u=rng.standard_normal((batch, L, ch)), delta=rng.standard_normal((batch, L, ch)),
-             A=-rng.uniform(0.5, 2.0, (ch, N)), B=rng.standard_normal((batch, L, N)),
-             C=rng.standard_normal((batch, L, N)), D=rng.standard_normal(ch),
+             A=-rng.uniform(0.5, 2.0, (ch, N)), B=rng.standard_normal((batch, L, G, N)),
+             C=rng.standard_normal((batch, L, G, N)), D=rng.standard_normal(ch),
              z=rng.standard_normal((batch, L, ch)), delta_bias=rng.standard_normal(ch))
     a = {k: v.astype(dtype) for k, v in a.items()}
     d_out = rng.standard_normal((batch, L, ch)).astype(dtype)
     d_last = rng.standard_normal((batch, ch, N)).astype(dtype)
     per_ch = ("u", "delta", "z")
 
-    def run(sl):
-        b = {k: (v[..., sl] if k in per_ch else v[sl] if k in ("A", "D", "delta_bias") else v)
-             for k, v in a.items()}
+    def run(c=None):
+        sl = slice(None) if c is None else slice(c, c + 1)
+        gs = slice(None) if c is None else slice(c // (ch // G), c // (ch // G) + 1)
+        b = {k: (v[..., sl] if k in per_ch else v[sl] if k in ("A", "D", "delta_bias")
+                 else v[:, :, gs] if k in ("B", "C") else v) for k, v in a.items()}
         out, last, saved = selective_scan_forward(**b, delta_softplus=True, engine="logdepth")
         g = selective_scan_backward(d_out[..., sl], d_last[:, sl], saved)
         return out, last, g
 
-    out, last, g = run(slice(None))
-    for c in (0, 7, 8, 15, 16, 31, 32, 39):
-        o1, l1, g1 = run(slice(c, c + 1))
+    out, last, g = run()
+    for c in (0, 7, 8, 15, 16, 23, 24, 31, 32, 39):
+        o1, l1, g1 = run(c)
         assert np.array_equal(out[..., c:c + 1], o1) and np.array_equal(last[:, c:c + 1], l1)
         for k in per_ch:
             assert np.array_equal(g[k][..., c:c + 1], g1[k]), (c, k)

@@ -65,25 +65,24 @@ The forward states are recomputed inside the backward (one more
 scan per work item) instead of being stored; then the local formulas of
 :func:`refssm.scan.numpy_seq.scan_core_backward` give every gradient.
 
-Parallelism and memory: ``prange`` over ``N_PARTS`` (8) fixed
-*partitions* of the flattened ``batch x channel blocks`` work items (blocks of
-``cb`` = 8 channels in float64, 16 in float32: one 64-byte line per step;
-batch 1 still uses every thread). A block's ``[batch, L, channels]`` inputs
-are first copied into ``[cb, seq_len]`` columns (each cache line and memory
-page read once for the block's channels, instead of once per channel and
-step), its channels are scanned from there (one by one, or side by side
-segment by segment for long sequences, see below), and their outputs go
-back the same way. Each partition owns ``[L_pad + 1, state]`` scratch
+Parallelism and memory: ``prange`` over ``N_PARTS`` (8) fixed *partitions*
+of the flattened ``batch x channel blocks`` work items (blocks of ``cb`` = 8
+channels in float64, 16 in float32: 64 bytes of each input per step; batch 1
+still uses every thread). A block's ``[batch, L, channels]`` inputs are
+first copied into ``[cb, seq_len + 64 / itemsize]`` columns (each cache line
+and memory page read once for the block's channels, instead of once per
+channel and step), its channels are scanned from there (one by one, or side
+by side segment by segment for long sequences, see below), and their outputs
+go back the same way. Each partition owns ``[L_pad + 1, state]`` scratch
 buffers (two in the forward, four in the backward; for long sequences
 instead segments of them and ``[cb, K + 1, state]`` segment totals), the
 columns (``5 x cb x (seq_len + 64 bytes)``; 7 in the backward) and, in the
-backward, private float64
-accumulators for the ``A``, ``B4`` and ``C4`` gradients (sums over channels,
-batch and, when constant, time), added up after the parallel loop:
-race-free, extra memory ``partitions x (|A| + |B4| + |C4|)``. The partitions
-depend on the shapes only, not on the thread count, so neither do the results
-(to the bit). Nothing of size ``batch x seq_len x channels x state`` is ever
-allocated.
+backward, private float64 accumulators for the ``A``, ``B4`` and ``C4``
+gradients (sums over channels, batch and, when constant, time), added up
+after the parallel loop: race-free, extra memory ``partitions x (|A| + |B4|
++ |C4|)``. The partitions depend on the shapes only, not on the thread
+count, so neither do the results (to the bit). Nothing of size ``batch x
+seq_len x channels x state`` is ever allocated.
 
 Vector code: the loops over the state of the tree levels, of the
 discretisation and of ``y = C . h`` are LLVM vector IR (the intrinsics of
@@ -1082,10 +1081,12 @@ def _forward_block(xa, xb, Ta, Tb, cols, L, dtB_row, nb, A, B4, h0, b, c0, gsB, 
 
 @njit(cache=True)
 def _block_channels(itemsize):
-    """Channels of a work item: one 64-byte cache line of the inputs per time step, 8 in
-    float64 and 16 in float32 (with 8, a float32 block reads half of each line and the
-    next block the other half, long after: at seq_len 65536 each line came from memory
-    twice, and staging took twice as long)."""
+    """Channels of a work item: 64 bytes of each input per time step, 8 in float64 and 16
+    in float32 (with 8, a float32 block reads half of each cache line and the next block
+    the other half, long after: at seq_len 65536 each line came from memory twice, and
+    staging took twice as long). One line when the input is 64-byte aligned; NumPy's
+    large arrays here start 16 bytes into a line, so a block's 64 bytes straddle two,
+    which staged one W4 float32 input in 14.4 ms instead of 12.2 (single thread)."""
     return 64 // itemsize
 
 
@@ -1111,7 +1112,7 @@ def _gather_columns(x, b, c0, nb, out):
     channels]`` that is one cache line and one memory page per step for each
     channel. Read for a block of channels at once, each line and page serves
     ``nb`` of them. A full block is one straight run of 8 (float64) or 16
-    (float32) loads per step, one cache line.
+    (float32) loads per step, 64 bytes.
     """
     L, C = x.shape[1], x.shape[2]
     xf = x.reshape(-1)
