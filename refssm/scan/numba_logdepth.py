@@ -990,11 +990,13 @@ def _fill_and_scan(xa, xb, ab, keep, uc, dtc, dtBc, A, B4, h0, b, c, gsB, C4, gs
 
 
 #: Above this many bytes per ``[L_pad, N]`` buffer, the forward does not store the tree
-#: (:func:`_forward_block`). Measured at W4 (seq_len 65536, state 16, 2 threads), in
-#: alternating runs: with float64's 8 MiB buffers recomputing was 2-12% faster than
-#: storing; with float32's 4 MiB, 5-10% slower (its elements cost relatively more to
-#: compute again).
-TREE_BYTES = 1 << 22
+#: (:func:`_forward_block`). Measured in alternating runs, state 16, 2 threads, forward
+#: (at stop 13; stop 11's figures were taken while the segment size could not reach the
+#: kernels): recomputing was slower at 4 MiB (W4 float32: 255 against 192 ms) and at
+#: 8 MiB (W4 float64: 536-557 against 471-528 ms; seq_len 131072 float32: 317-319
+#: against 291-302 ms), faster at 16 MiB (seq_len 131072 float64: 602-612 against
+#: 664-693 ms).
+TREE_BYTES = 1 << 23
 
 
 @njit(cache=True)
