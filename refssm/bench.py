@@ -3,19 +3,20 @@
 Speed is measured here, never asserted in tests. Each entry is the median of
 ``repeats`` timed runs after one warm-up run (which also triggers Numba's JIT
 or loads its cache), and of more runs when those take less than ``min_time``
-in all (the selective-scan table: 0.5 s), with ratios against the NumPy engine of the same run and,
-when torch is installed, against a torch transcription of the official
-``selective_scan_ref`` loop. Timings run with the allocator's defaults, as a
-user's program would. Peak extra memory is the growth of the resident set
-(Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``) during
-one forward+backward, so it counts Numba's allocations as well as NumPy's.
-It is measured in a child process started with a fixed glibc mmap threshold
-(``MALLOC_MMAP_THRESHOLD_`` = 4 MiB): otherwise glibc raises its threshold
-after the first large free and serves later arrays from heap memory that is
-already resident, and the growth reads as 0. (Not in the timed process: on
-this VM every page fault of a fresh mmap costs ~2 us, which slowed the NumPy
-engine and the fused one alike, by up to 2x and 1.5x.) Arrays from 4 MiB up
-are counted exactly, smaller temporaries not at all. Not on Linux: "-".
+in all (the selective-scan table: 0.5 s), with ratios against the NumPy engine
+of the same run and, when torch is installed, against a torch transcription of
+the official ``selective_scan_ref`` loop. Timings run with the allocator's
+defaults, as a user's program would. Peak extra memory is the growth of the
+resident set (Linux ``VmHWM`` after resetting it through
+``/proc/self/clear_refs``) during one forward+backward, so it counts Numba's
+allocations as well as NumPy's. It is measured in a child process started with
+a fixed glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_`` = 4 MiB): otherwise
+glibc raises its threshold after the first large free and serves later arrays
+from heap memory that is already resident, and the growth reads as 0. (Not in
+the timed process: on this VM every page fault of a fresh mmap costs ~2 us,
+which slowed the NumPy engine and the fused one alike, by up to 2x and 1.5x.)
+Arrays from 4 MiB up are counted exactly, smaller temporaries not at all. Not
+on Linux: "-".
 """
 from __future__ import annotations
 

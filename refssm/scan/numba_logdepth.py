@@ -1092,11 +1092,6 @@ def _block_channels(itemsize):
     return 64 // itemsize
 
 
-def _work_items(batch, channels, itemsize):
-    """``batch x`` blocks of :func:`_block_channels` channels."""
-    return batch * -(-channels // _block_channels(itemsize))
-
-
 @njit(cache=True)
 def _column_length(L, itemsize):
     """Row length of the staged columns ``[rows, channels of a block, .]``: ``L`` and one
@@ -1211,8 +1206,10 @@ def _local_range(t0, t1, Gf, Hf, abf, Af, Bf, dAf, dBf, dCf, dtc, dtBc, uc, dyc,
 N_PARTS = 8
 
 
-def _partitions(work):
-    """How many parallel partitions to split ``work`` items into: ``min(N_PARTS, work)``."""
+def _partitions(batch, channels, itemsize):
+    """How many parallel partitions to split the work items (``batch x`` blocks of
+    :func:`_block_channels` channels) into: at most :data:`N_PARTS`."""
+    work = batch * -(-channels // _block_channels(itemsize))
     return max(1, min(N_PARTS, work))
 
 
@@ -1598,8 +1595,8 @@ def _backward_kernel(dy, dh_last, u, dt, dtB, A, B4, C4, h0,
                                       raw, dD_rows, seg_bytes)
             else:
                 _backward_block(F, Gs, Tf, Tg, Afirst, ybuf, cols, L, nb, A, B4, C4, h0,
-                                dh_last, b, c0, gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate, D, fl,
-                                raw, dD_rows)
+                                dh_last, b, c0, gsB, gsC, dA_p[p], dB_p[p], dC_p[p], dh0, gate,
+                                D, fl, raw, dD_rows)
             dyr = 5 if gate and K > 0 else 3     # the core's dy (and dz in the other one)
             if raw:              # d delta into dtc, du += dy D (and sum_t d delta)
                 for l in range(nb):
@@ -1677,8 +1674,8 @@ def scan_core_forward(u, dt, dtB, A, B4, C4, h0):
     y = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, y, h_last,
-                    _partitions(_work_items(batch, channels, u.itemsize)), A[:, 0], np.zeros(7, u.dtype),
-                    u, A[:, 0], TREE_BYTES, SEGMENT_BYTES)
+                    _partitions(batch, channels, u.itemsize), A[:, 0], np.zeros(7, u.dtype), u,
+                    A[:, 0], TREE_BYTES, SEGMENT_BYTES)
     return y, h_last, LogDepthSaved(u, dt, dtB, A, B4, C4, h0)
 
 
@@ -1728,7 +1725,7 @@ def fused_forward(u, delta, delta_bias, delta_softplus, delta_clip, A, B4, C4, h
     out = np.empty_like(u)
     h_last = np.empty((batch, channels, A.shape[1]), dtype=u.dtype)
     _forward_kernel(u, dt, dtB, A, B4, C4, h0, out, h_last,
-                    _partitions(_work_items(batch, channels, u.itemsize)), bias, fl,
+                    _partitions(batch, channels, u.itemsize), bias, fl,
                     u if z is None else np.ascontiguousarray(z, dtype=u.dtype),
                     zero if D is None else np.ascontiguousarray(D, dtype=u.dtype), TREE_BYTES,
                     SEGMENT_BYTES)
@@ -1787,7 +1784,7 @@ def _run_backward(dy, dh_last, u, dt, dtB, A, B4, C4, h0, fl, z, D, bias, ddtB, 
     ``ddtB``, ``dy_out``, ``dz`` that ``fl`` leaves unwritten may be None.
     """
     batch, _, channels = u.shape
-    P = _partitions(_work_items(batch, channels, u.itemsize))
+    P = _partitions(batch, channels, u.itemsize)
     du = np.empty_like(u)
     ddtB, dy_out, dz = (du if x is None else x for x in (ddtB, dy_out, dz))   # placeholders
     ddt = np.empty_like(u)
