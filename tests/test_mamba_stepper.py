@@ -125,3 +125,16 @@ def test_stepper_random_configs(preset, hidden, state, expand, conv, layers, emb
     full = M.forward(params, x, c, return_sequence=True)
     assert normwise_error(got, full.output) <= STEP
     assert normwise_error(cache.h, full.state.h) <= STEP
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_stepper_refuses_a_frame_whose_square_overflows_the_norm():
+    # a finite frame of ~1e160 made the norm's x * x inf, rstd 0: every such frame gave
+    # the same output (the norm's beta / 0), not an error
+    c, params, x = _setup("mamba_ssm", layers=1)
+    stepper = make_stepper(params, c)
+    cache = M.init_cache(c, x.shape[0])
+    with pytest.raises(ValueError, match="norm: expected a finite variance"):
+        stepper.step(cache, x[:, 0] * 1e160)
+    with pytest.raises(ValueError, match=r"rms_norm: .* overflows float64"):
+        M.step(params, cache, x[:, 0] * 1e160, c)

@@ -133,6 +133,28 @@ def test_rms_norm_backward_fd():
     check_grads(loss, {"x": x, "gamma": gamma}, rms_norm_backward(w, saved), rng)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype,big,ok", [(np.float64, 1e160, 1e150), (np.float32, 1e20, 1e17)])
+def test_norms_refuse_rows_whose_square_overflows(dtype, big, ok):
+    # |x| past sqrt(max float) makes mean(x^2) inf and rstd 0: LayerNorm returned beta and
+    # RMSNorm 0 whatever x was (two different inputs, the same output), with no error
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 6)).astype(dtype)
+    gamma, beta = rng.standard_normal(6).astype(dtype), rng.standard_normal(6).astype(dtype)
+    with pytest.raises(ValueError, match=rf"layer_norm: .* overflows {np.dtype(dtype).name}"):
+        layer_norm_forward(x * dtype(big), gamma, beta)
+    with pytest.raises(ValueError, match=rf"rms_norm: .* overflows {np.dtype(dtype).name}"):
+        rms_norm_forward(x * dtype(big), gamma)
+    with pytest.raises(ValueError, match=r"layer_norm: .* non-finite entries"):
+        layer_norm_forward(np.where(x > 1.0, np.inf, x), gamma, beta)
+    # just below the overflow both are still exact: scale invariant (eps negligible)
+    tol = 1e-14 if dtype == np.float64 else 1e-6
+    assert normwise_error(layer_norm_forward(x * dtype(ok), gamma, beta, eps=0.0)[0],
+                          layer_norm_forward(x, gamma, beta, eps=0.0)[0]) <= tol
+    assert normwise_error(rms_norm_forward(x * dtype(ok), gamma, eps=0.0)[0],
+                          rms_norm_forward(x, gamma, eps=0.0)[0]) <= tol
+
+
 def test_norms_reject_wrong_gamma():
     with pytest.raises(ValueError, match=r"expected gamma shape \(4,\)"):
         rms_norm_forward(np.ones((2, 4)), np.ones(3))

@@ -84,6 +84,9 @@ def _norm(x, g, beta, layer, eps, out):
     for i in range(H):
         d = x[i] - mean
         var += d * d
+    if not np.isfinite(var):      # x * x overflowed: rstd would be 0, out = beta (wrong)
+        raise ValueError("norm: expected a finite variance / mean square of the frame's "
+                         "features, got inf or NaN (|x| above ~1.3e154 overflows x * x)")
     rstd = 1.0 / np.sqrt(var / H + eps)
     for i in range(H):
         out[i] = (x[i] - mean) * rstd * g[i] + beta[i]

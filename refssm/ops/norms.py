@@ -59,6 +59,21 @@ def _check(x, gamma, name):
                          f"got {gamma.shape} for x {x.shape}")
 
 
+def _check_moment(m, x, name, what):
+    """Refuse a non-finite second moment ``m`` ``[..., 1]``: ``x * x`` overflowed.
+
+    A finite row whose entries exceed ~1.3e154 (float64; ~1.8e19 in float32)
+    makes ``mean(x^2)`` infinite, ``rstd = 0``, and the norm would silently
+    return ``beta`` (LayerNorm) or 0 (RMSNorm) whatever ``x`` is.
+    """
+    if not np.all(np.isfinite(m)):
+        finite = np.isfinite(x)
+        got = ("non-finite entries (NaN/inf)" if not finite.all() else
+               f"max |x| = {np.max(np.abs(x)):.3g}, whose square overflows {x.dtype}")
+        raise ValueError(f"{name}: expected rows whose {what} is finite, got {got}; "
+                         f"no exact normalisation can be returned")
+
+
 def layer_norm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
                        eps: float = 1e-5) -> tuple[np.ndarray, LayerNormSaved]:
     """LayerNorm over the last axis.
@@ -86,6 +101,7 @@ def layer_norm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     mean = x.mean(axis=-1, keepdims=True)
     xc = x - mean
     var = np.mean(xc * xc, axis=-1, keepdims=True)
+    _check_moment(var, x, "layer_norm", "variance mean((x - mean)^2)")
     rstd = 1.0 / np.sqrt(var + eps)
     x_hat = xc * rstd
     return x_hat * gamma + beta, LayerNormSaved(x_hat, rstd, gamma)
@@ -139,7 +155,9 @@ def rms_norm_forward(x: np.ndarray, gamma: np.ndarray,
     array([[0.848528, 1.131371]])
     """
     _check(x, gamma, "rms_norm")
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    ms = np.mean(x * x, axis=-1, keepdims=True)
+    _check_moment(ms, x, "rms_norm", "mean square mean(x^2)")
+    rstd = 1.0 / np.sqrt(ms + eps)
     x_hat = x * rstd
     return x_hat * gamma, RMSNormSaved(x_hat, rstd, gamma)
 
