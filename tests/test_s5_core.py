@@ -334,6 +334,33 @@ def test_near_one_and_bilinear_engines(engine):
     assert max(errs) <= SCAN
 
 
+def test_fft_engines_refuse_a_growing_kernel_the_scans_do_not():
+    """An unstable eigenvalue (|Lambda_bar| = e^0.05, growth e^10 over 201 steps): the FFT's
+    rounding, at the scale of the largest kernel value, swamped the early outputs (a review
+    measured 7.7e+71 relative at growth e^200), so the FFT engines refuse; the scans agree."""
+    rng = np.random.default_rng(12)
+    H, N, L = 3, 4, 201
+    params = random_params(rng, H, N)
+    params["Lambda_re"][0], params["log_step"][0] = 0.5, math.log(0.1)
+    u = rng.standard_normal((2, L, H))
+    for engine in ("fft", "fft_dense"):
+        with pytest.raises(ValueError, match=rf"{engine}: expected a stable system, .* got "
+                                             r"2\.2e\+04 .* seq_len 201"):
+            S.s5_ssm_forward(params, u, engine=engine)
+    y, _, _ = S.s5_ssm_forward(params, u)
+    for engine in ("numba", "logdepth"):
+        y2 = S.s5_ssm_forward(params, u, engine=engine)[0]
+        early = max(normwise_error(y2[:, k], y[:, k]) for k in range(10))
+        assert early <= SCAN, f"{engine}: {early:.2e}"
+    # growth 1.5 (<= FFT_MAX_GROWTH): accepted, and as exact as for a stable system
+    params["Lambda_re"][0] = math.log(1.5) / (0.1 * (L - 1))
+    y, _, _ = S.s5_ssm_forward(params, u)
+    for engine in ("fft", "fft_dense"):
+        err = normwise_error(S.s5_ssm_forward(params, u, engine=engine)[0], y)
+        figure(f"{engine} vs numpy, kernel growth 1.5", err)
+        assert err <= SCAN
+
+
 @pytest.mark.parametrize("engine", ["numba", "logdepth"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_parallel_and_serial_kernels_agree(engine, bidirectional, monkeypatch):

@@ -38,6 +38,16 @@ Step 2, three ways (``scan(lam, W, x0, reverse) -> X``):
     through the diagonal: ``y = Re(C_tilde (lambda^k * (B_bar u)))``,
     ``O(P L log L)`` instead of ``O(H^2 L log L)``.
 
+The FFT engines need a stable system. Their rounding error is spread evenly over
+the outputs, at the scale of the largest kernel value. With ``|lambda| > 1``
+the kernel ``lambda^k`` grows over the sequence, and the early outputs,
+which are small, lose all their accuracy. A review measured relative errors
+of the first outputs of 7.7e+71 at ``|lambda|^L = e^200``, and a model's
+normwise error already at 2.5e-12 (budget 1e-12) at ``|lambda|^L = 150``.
+So they refuse a ``Lambda_bar`` whose powers grow past
+:data:`FFT_MAX_GROWTH` (2) over the sequence (:func:`_check_fft_growth`).
+The scans compute such systems step by step, exactly as the recurrence says.
+
 ``fft_dense`` does *not* factor: it builds the dense kernel ``K``
 ``[L, H, H]`` (:func:`refssm.ssm.s5.s5_kernel`) and convolves ``u`` with it
 by FFT, its backward going through ``dK``. ``O(L H^2 P)`` work and
@@ -286,6 +296,25 @@ def linear_scan_logdepth(lam, W, x0, reverse=False):
     return X
 
 
+#: Largest ``max_m |Lambda_bar|^m`` (``m < seq_len``) the FFT engines accept (see above).
+FFT_MAX_GROWTH = 2.0
+
+
+def _check_fft_growth(pw, L, name):
+    """Refuse an FFT convolution whose kernel grows: ``pw`` ``[>= L, P]`` powers ``lambda^m``.
+
+    Stable systems (``|lambda| <= 1``) have ``max_m |lambda^m| = 1`` (at ``m = 0``).
+    """
+    growth = float(np.max(np.abs(pw[:L]))) if pw.size else 1.0
+    if not growth <= FFT_MAX_GROWTH:
+        worst = float(np.max(np.abs(pw[1]))) if L > 1 else float("nan")
+        raise ValueError(
+            f"{name}: expected a stable system, with max |Lambda_bar|^m over m < seq_len at "
+            f"most {FFT_MAX_GROWTH:g}, got {growth:.3g} (max |Lambda_bar| = {worst:.17g}, "
+            f"seq_len {L}): the FFT convolution's rounding error grows with it, relative to "
+            f"the early outputs; use engine 'numpy', 'numba' or 'logdepth'")
+
+
 def linear_scan_fft(lam, W, x0, reverse=False):
     """As :func:`linear_scan_seq`, as a causal convolution by FFT.
 
@@ -309,6 +338,7 @@ def linear_scan_fft(lam, W, x0, reverse=False):
     if reverse:
         W = W[:, ::-1]
     pw = lambda_powers(lam, L + 1)                                   # [L+1, P]
+    _check_fft_growth(pw, L, "fft")
     n = scipy.fft.next_fast_len(2 * L - 1)
     workers = _threads()
     kernel_f = scipy.fft.fft(pw[:L], n, axis=0, workers=workers)     # [n, P]
@@ -559,6 +589,7 @@ def fft_dense_forward(u, Lambda_bar, B_bar, C_tilde, x0, *, conj_sym=True, bidir
     c = 2.0 if conj_sym else 1.0
     n = scipy.fft.next_fast_len(2 * L - 1, real=True)
     pw = lambda_powers(lam, L + 1)
+    _check_fft_growth(pw, L, "fft_dense")
     C_f = C_tilde[:, :P]
     K_f = scipy.fft.rfft(s5_kernel(lam, B_bar, C_f, L, conj_sym=conj_sym), n, axis=0)
     u_f = scipy.fft.rfft(u, n, axis=1)
