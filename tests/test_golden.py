@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from refssm.cli import main
-from refssm.golden import FixtureError, compare_tensors, read_fixture, write_suite
+from refssm.golden import FixtureError, compare_tensors, read_fixture, write_fixture, write_suite
 from refssm.golden.suite import SUITE
 from refssm.models import mamba
 
@@ -186,12 +186,24 @@ def test_tampered_tensor_is_a_hash_error(suite_dir, tmp_path):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda m: m.update(format_version=99), r"expected format_version 1, got 99"),
-    (lambda m: m["tensors"].append(dict(m["tensors"][0], name="output/ghost")),
+    (lambda m: m.update(format_version=99), r"expected format_version 2, got 99"),
+    (lambda m: m["tensors"].append(dict(m["tensors"][0], name="output/ghost", role="output")),
      r"listed in the manifest but missing: \['output/ghost'\]"),
     (lambda m: m.update(tensors=m["tensors"][1:]), r"not listed in the manifest"),
     (lambda m: m["tensors"][0].update(shape=[1, 2, 3, 4, 5]), r"expected shape \(1, 2, 3, 4, 5\)"),
     (lambda m: m["tensors"][0].update(dtype="float16"), r"expected dtype float16"),
+    # malformed manifests: a clear FixtureError (the CLI's exit 2), never a traceback
+    (lambda m: m["tensors"][0].pop("sha256"), r"expected tensors\[0\]\.sha256: a str, got 'nothing'"),
+    (lambda m: m.update(tensors={}), r"expected 'tensors': a list, got \{\}"),
+    (lambda m: m["tolerances"].update(output="1e-12"), r"expected tolerance 'output': a finite"),
+    (lambda m: m["tolerances"].update(output=float("inf")), r"expected tolerance 'output'"),
+    (lambda m: m["tensors"][0].update(shape=[2, -1]), r"shape: non-negative integers"),
+    (lambda m: m["tensors"][0].update(role="param"), r"expected tensors\[0\]\.role"),
+    # edits the tensor hashes cannot see: the manifest's own sha256, recorded in the tensors
+    (lambda m: m["tolerances"].update(output=10.0), r"manifest.json: expected the sha256 that "
+                                                    r"tensors.safetensors records for it"),
+    (lambda m: m["config"].update(delta_softplus=not m["config"]["delta_softplus"]),
+     r"was changed after it was written"),
 ])
 def test_bad_manifest_is_a_clear_error(suite_dir, tmp_path, edit, match):
     d = _copy(suite_dir, tmp_path)
@@ -200,6 +212,40 @@ def test_bad_manifest_is_a_clear_error(suite_dir, tmp_path, edit, match):
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FixtureError, match=match):
         read_fixture(d)
+
+
+def test_manifest_that_is_not_an_object(suite_dir, tmp_path):
+    d = _copy(suite_dir, tmp_path)
+    (d / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(FixtureError, match=r"expected format_version 2, got None"):
+        read_fixture(d)
+
+
+def test_a_tensor_dropped_from_both_files_is_refused(suite_dir, tmp_path):
+    # consistent tensor hashes, but the manifest is no longer the one the tensors record
+    d = _copy(suite_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    m["tensors"] = [e for e in m["tensors"] if e["name"] != "grad/input/A"]
+    (d / "manifest.json").write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
+    t = load_file(str(d / "tensors.safetensors"))
+    del t["grad/input/A"]
+    save_file(t, str(d / "tensors.safetensors"))
+    with pytest.raises(FixtureError, match=r"expected the sha256 that tensors.safetensors "
+                                           r"records for it, None\.\.\., got"):
+        read_fixture(d)
+
+
+def test_fixture_files_follow_the_umask(tmp_path):
+    # safetensors' save_file creates 0600 files; a fixture is meant to be shared
+    old = os.umask(0o022)
+    try:
+        write_fixture(tmp_path / "f", arch="core", preset="-", config={}, seed=0,
+                      dtype="float64", tensors={"input/x": np.arange(3.0)},
+                      tolerances={"input": 0.0})
+    finally:
+        os.umask(old)
+    for name in ("manifest.json", "tensors.safetensors"):
+        assert (os.stat(tmp_path / "f" / name).st_mode & 0o777) == 0o644, name
 
 
 def test_corrupt_safetensors_and_missing_files(suite_dir, tmp_path):

@@ -6,7 +6,8 @@ A fixture is a folder (DESIGN.md section 5)::
       manifest.json         format version, arch, preset, config, seed, dtype,
                             refssm version, tolerances, loss, and for every
                             tensor: name, role, shape, dtype, sha256
-      tensors.safetensors   every tensor, by name
+      tensors.safetensors   every tensor, by name; its header's metadata holds
+                            ``manifest_sha256``, the sha256 of manifest.json's bytes
 
 Tensor names: model parameters are flattened as ``layer.name`` (exactly the
 Axon layer and parameter names, so splitting each such key on ``.`` rebuilds
@@ -16,8 +17,11 @@ its name and so can never be mistaken for a parameter: ``input/x``,
 ``grad/input/x``, ``grad/<layer>.<name>``, ``core/...``.
 
 Reading never unpickles (safetensors only holds raw little-endian buffers and
-JSON); a hash mismatch, a missing or extra tensor, a wrong shape or dtype, or
-an unknown format version is a :class:`FixtureError`.
+JSON); a hash mismatch, a missing or extra tensor, a wrong shape or dtype, an
+unknown format version, a malformed manifest, or a manifest whose sha256 is not
+the one its tensor file records is a :class:`FixtureError`. The last one binds
+the two files: the tensor hashes alone would not notice loosened tolerances, an
+edited config, or a tensor dropped from both files.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ from ..verify.metrics import reference_scale
 __all__ = ["FORMAT_VERSION", "FixtureError", "Fixture", "write_fixture", "read_fixture",
            "compare_tensors", "CompareRow", "format_compare", "tensor_role", "check_callable"]
 
-#: Bumped whenever the layout of manifest.json or the tensor naming changes.
-FORMAT_VERSION = 1
+#: Bumped whenever the layout of manifest.json or the tensor naming changes
+#: (2: the tensor file's metadata records the manifest's sha256).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -57,6 +62,12 @@ def tensor_role(name: str) -> str:
 
 def _sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _write_bytes(file, data: bytes) -> None:
+    """Write ``data`` with the process's umask (``safetensors.save_file`` makes 0600 files)."""
+    with open(file, "wb") as fh:
+        fh.write(data)
 
 
 def _jsonable(v):
@@ -119,7 +130,7 @@ def write_fixture(path, *, arch: str, preset: str, config: dict, seed: int, dtyp
     >>> read_fixture(d).tensors["input/x"]
     array([0., 1., 2.])
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from .. import __version__
 
@@ -145,20 +156,55 @@ def write_fixture(path, *, arch: str, preset: str, config: dict, seed: int, dtyp
         "notes": notes,
         "tensors": entries,
     }
-    with open(os.path.join(path, MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-    save_file(clean, os.path.join(path, TENSORS))
+    text = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    _write_bytes(os.path.join(path, MANIFEST), text)
+    meta = {"manifest_sha256": hashlib.sha256(text).hexdigest()}
+    _write_bytes(os.path.join(path, TENSORS), save(clean, metadata=meta))
     return str(path)
 
 
-def _load_safetensors(file) -> dict:
+def _load_safetensors(file) -> tuple:
+    """``(tensors, header metadata or {})`` of a safetensors file."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     try:
-        return load_file(file)
+        with safe_open(file, framework="np") as fh:
+            meta = fh.metadata() or {}
+        return load_file(file), meta
     except Exception as exc:  # safetensors raises its own error types
         raise FixtureError(f"{file}: not a readable safetensors file ({exc})") from exc
+
+
+_ENTRY_KEYS = {"name": str, "role": str, "shape": list, "dtype": str, "sha256": str}
+
+
+def _check_manifest(m, mpath) -> None:
+    """The manifest's structure: what each field must be, said when it is not."""
+    def bad(what, got):
+        raise FixtureError(f"{mpath}: expected {what}, got {got!r}"[:400])
+
+    if not isinstance(m, dict):
+        bad("a JSON object", type(m).__name__)
+    for key, typ in (("arch", str), ("preset", str), ("config", dict), ("seed", int),
+                     ("dtype", str), ("tolerances", dict), ("tensors", list)):
+        if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
+            bad(f"{key!r}: a {typ.__name__}", m.get(key, "nothing"))
+    for key, tol in m["tolerances"].items():
+        if (not isinstance(tol, (int, float)) or isinstance(tol, bool)
+                or not 0.0 <= tol < float("inf")):
+            bad(f"tolerance {key!r}: a finite number >= 0", tol)
+    for i, e in enumerate(m["tensors"]):
+        if not isinstance(e, dict):
+            bad(f"tensors[{i}]: an object", e)
+        for key, typ in _ENTRY_KEYS.items():
+            if not isinstance(e.get(key), typ):
+                bad(f"tensors[{i}].{key}: a {typ.__name__}", e.get(key, "nothing"))
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                   for n in e["shape"]):
+            bad(f"tensors[{i}].shape: non-negative integers", e["shape"])
+        if e["role"] != tensor_role(e["name"]):
+            bad(f"tensors[{i}].role {tensor_role(e['name'])!r} (from its name)", e["role"])
 
 
 def read_fixture(path) -> Fixture:
@@ -175,16 +221,18 @@ def read_fixture(path) -> Fixture:
     for p in (mpath, tpath):
         if not os.path.isfile(p):
             raise FixtureError(f"fixture {path}: expected file {os.path.basename(p)}, not found")
+    with open(mpath, "rb") as fh:
+        text = fh.read()
     try:
-        with open(mpath) as fh:
-            manifest = json.load(fh)
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FixtureError(f"{mpath}: not valid JSON ({exc})") from exc
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise FixtureError(f"{mpath}: expected format_version {FORMAT_VERSION}, got {version!r}")
-    tensors = _load_safetensors(tpath)
-    listed = {e["name"]: e for e in manifest.get("tensors", [])}
+    _check_manifest(manifest, mpath)
+    tensors, meta = _load_safetensors(tpath)
+    listed = {e["name"]: e for e in manifest["tensors"]}
     missing = sorted(set(listed) - set(tensors))
     extra = sorted(set(tensors) - set(listed))
     if missing:
@@ -201,6 +249,13 @@ def read_fixture(path) -> Fixture:
         if digest != e["sha256"]:
             raise FixtureError(f"{name}: sha256 mismatch (expected {e['sha256'][:16]}..., got "
                                f"{digest[:16]}...): the file was changed after it was written")
+    recorded = meta.get("manifest_sha256")
+    digest = hashlib.sha256(text).hexdigest()
+    if recorded != digest:
+        raise FixtureError(
+            f"{mpath}: expected the sha256 that {TENSORS} records for it, "
+            f"{str(recorded)[:16]}..., got {digest[:16]}...: the manifest (tolerances, config, "
+            f"tensor list) was changed after it was written, or the files are from two fixtures")
     return Fixture(manifest, tensors)
 
 
