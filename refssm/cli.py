@@ -15,14 +15,47 @@ Examples
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
+
+#: The dtypes ``bench`` and ``golden`` take.
+DTYPES = ("float64", "float32")
+
+
+def _fail(cmd, msg) -> int:
+    print(f"refssm {cmd}: {msg}", file=sys.stderr)
+    return 2
+
+
+def _dtypes(cmd, text):
+    """``--dtypes`` split and checked: ``(list, None)`` or ``(None, exit code)``."""
+    dtypes = [d for d in text.split(",") if d]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        return None, _fail(cmd, f"--dtypes: expected a comma-separated subset of "
+                                f"{', '.join(DTYPES)}, got {text!r}")
+    return dtypes, None
+
+
+def _writable_file(cmd, opt, path):
+    """None if ``path``'s folder exists (checked before a long run), else an exit code."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return _fail(cmd, f"{opt}: expected a file in an existing folder, got {path!r} "
+                          f"({folder} does not exist)")
+    if os.path.isdir(path):
+        return _fail(cmd, f"{opt}: expected a file, got the folder {path!r}")
+    return None
 
 
 def _cmd_verify(args) -> int:
     from .verify.report import format_markdown, format_table, run_checks, to_json
 
+    for opt, path in (("--json", args.json), ("--report", args.report)):
+        if path and (code := _writable_file("verify", opt, path)) is not None:
+            return code
     print(f"refssm {__version__} verify: oracle checks (float64)", file=sys.stderr)
     figures = run_checks(progress=sys.stderr)
     print(format_table(figures))
@@ -48,6 +81,9 @@ def _cmd_bench(args) -> int:
     if args.repeats < 1:
         print(f"refssm bench: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
         return 2
+    dtypes, code = _dtypes("bench", args.dtypes)
+    if code is not None:
+        return code
     workloads = args.workloads.split(",")
     for w in workloads:
         if w not in WORKLOADS:
@@ -55,7 +91,7 @@ def _cmd_bench(args) -> int:
                   file=sys.stderr)
             return 2
     if "scan" in what:
-        results = bench_scan(workloads=workloads, dtypes=args.dtypes.split(","),
+        results = bench_scan(workloads=workloads, dtypes=dtypes,
                              repeats=args.repeats, with_torch=not args.no_torch,
                              progress=sys.stderr)
         print("Selective scan engines\n")
@@ -72,7 +108,14 @@ def _cmd_bench(args) -> int:
 def _cmd_golden(args) -> int:
     from .golden import write_suite
 
-    paths = write_suite(args.out, seed=args.seed, dtypes=args.dtypes.split(","), progress=sys.stderr)
+    dtypes, code = _dtypes("golden", args.dtypes)
+    if code is not None:
+        return code
+    if args.seed < 0:
+        return _fail("golden", f"--seed: expected an integer >= 0, got {args.seed}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return _fail("golden", f"--out: expected a folder, got the file {args.out!r}")
+    paths = write_suite(args.out, seed=args.seed, dtypes=dtypes, progress=sys.stderr)
     print(f"wrote {len(paths)} fixtures under {args.out}")
     return 0
 
@@ -87,8 +130,14 @@ def _cmd_compare(args) -> int:
     except FixtureError as exc:
         print(f"refssm compare: bad fixture: {exc}", file=sys.stderr)
         return 2
+    cand = args.candidate
+    if os.path.isdir(cand):              # a fixture-like folder: its tensors.safetensors
+        cand = os.path.join(cand, "tensors.safetensors")
+        if not os.path.isfile(cand):
+            return _fail("compare", f"candidate: expected a .safetensors file or a folder "
+                                    f"holding tensors.safetensors, got {args.candidate!r}")
     try:
-        candidate = load_file(args.candidate)
+        candidate = load_file(cand)
     except Exception as exc:  # safetensors' own error types
         print(f"refssm compare: cannot read candidate {args.candidate}: {exc}", file=sys.stderr)
         return 2
@@ -175,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="check another implementation's outputs against a fixture",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="CANDIDATE is a safetensors file holding the fixture's output/, step/, "
+        description="CANDIDATE is a safetensors file (or a folder holding tensors.safetensors) "
+                    "with the fixture's output/, step/, "
                     "cache/, grad/ and core/ tensors under the same names, computed by another "
                     "implementation from the fixture's inputs and parameters. Prints a per-tensor "
                     "table (max abs, normwise relative error, tolerance) and exits 1 if any "

@@ -21,9 +21,20 @@ def test_verify_main_job_passes_and_writes_json_and_report(tmp_path, capsys):
     figures = json.loads(js.read_text())
     assert code == 0, out
     assert len(figures) >= 10
+    # strict JSON (no Infinity / NaN tokens, which other languages' parsers reject)
+    json.loads(js.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
     for f in figures:
         assert set(f) >= {"arch", "preset", "check", "value", "budget", "ok"}
-        assert f["ok"] and 0 <= f["value"] <= f["budget"], f
+        if f["budget"] is None:                    # an explained gap, no budget
+            assert f["check"] == "param_count: original formula's relative gap", f
+        else:
+            assert f["ok"] and 0 <= f["value"] <= f["budget"], f
+    assert any(f["budget"] is None for f in figures)
+    # no vacuous rows: the SSTransformer's edifice (EMA) path ignores the engine
+    assert not [f for f in figures if f["arch"] == "ss_transformer" and f["preset"] == "edifice"
+                and "engine vs numpy" in f["check"]]
+    assert [f for f in figures if f["arch"] == "ss_transformer" and f["preset"] == "mamba_ssm"
+            and "engine vs numpy" in f["check"]]
     # every engine is compared to the ground truth, forward and backward
     checks = {f["check"] for f in figures}
     for engine in ("numba", "logdepth"):
@@ -37,6 +48,42 @@ def test_table_marks_a_figure_over_budget():
     figs = [Figure("core", "-", "x", 2e-12, 1e-12, False), Figure("core", "-", "y", 0.0, 1e-12, True)]
     table = format_table(figs)
     assert "FAIL" in table and "1 over budget" in table
+
+
+def test_a_check_that_raises_is_a_failing_figure_and_the_others_still_run(capsys):
+    import io
+
+    from refssm.verify.report import run_checks, to_json
+
+    def check_ok():
+        return [Figure("core", "-", "fine", 0.0, 1e-12, True)]
+
+    def check_boom():
+        raise RuntimeError("kaput")
+
+    err = io.StringIO()
+    figs = run_checks([check_boom, check_ok], progress=err)
+    assert [f.check for f in figs] == ["check_boom raised", "fine"]
+    assert not figs[0].ok and "RuntimeError: kaput" in figs[0].detail
+    assert "RAISED" in err.getvalue() and "Traceback" in err.getvalue()
+    assert json.loads(to_json(figs))[0]["value"] is None
+    assert "1 over budget" in format_table(figs)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["golden", "--out", "{tmp}/fx", "--dtypes", "float16"], "--dtypes: expected a comma-separated"),
+    (["golden", "--out", "{tmp}/fx", "--dtypes", "float64,bogus"], "got 'float64,bogus'"),
+    (["golden", "--out", "{tmp}/fx", "--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+    (["golden", "--out", "{tmp}/afile"], "--out: expected a folder, got the file"),
+    (["bench", "--dtypes", "float16"], "refssm bench: --dtypes: expected"),
+    (["verify", "--json", "{tmp}/missing/f.json"], "--json: expected a file in an existing folder"),
+    (["verify", "--report", "{tmp}"], "--report: expected a file, got the folder"),
+])
+def test_bad_arguments_are_refused_up_front(argv, msg, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "fx").exists()          # nothing written before the refusal
 
 
 def test_bench_runs_on_tiny_sizes():
@@ -111,3 +158,19 @@ def test_model_bench_reports_every_architecture():
 def test_bench_rejects_unknown_what(capsys):
     assert main(["bench", "--what", "gpu"]) == 2
     assert "unknown --what ['gpu']" in capsys.readouterr().err
+
+
+def test_compare_takes_a_candidate_folder(tmp_path, capsys):
+    from refssm.golden import write_fixture
+
+    x = np.arange(4.0)
+    fx = write_fixture(tmp_path / "fx", arch="core", preset="-", config={}, seed=0,
+                       dtype="float64", tensors={"input/x": x, "output/y": 2 * x},
+                       tolerances={"output": 1e-12})
+    write_fixture(tmp_path / "mine", arch="core", preset="-", config={}, seed=0,
+                  dtype="float64", tensors={"output/y": 2 * x}, tolerances={})
+    assert main(["compare", fx, str(tmp_path / "mine")]) == 0
+    assert "1 tensors compared, 1 within tolerance, 0 failed" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", fx, str(tmp_path / "empty")]) == 2
+    assert "expected a .safetensors file or a folder holding" in capsys.readouterr().err

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 import time
+import traceback
 
 from .._text import text_table
 from .core import CORE_CHECKS, Figure
@@ -23,14 +25,25 @@ def all_checks():
 
 
 def run_checks(checks=None, progress=sys.stderr) -> list[Figure]:
-    """Run every check in order, printing one progress line per check to ``progress``."""
+    """Run every check in order, printing one progress line per check to ``progress``.
+
+    A check that raises becomes one failing figure (value NaN, its exception in the
+    detail, the traceback on ``progress``), and the other checks still run.
+    """
     checks = all_checks() if checks is None else checks
     figures: list[Figure] = []
     for i, check in enumerate(checks, 1):
         t0 = time.perf_counter()
         if progress is not None:
             print(f"[{i}/{len(checks)}] {check.__name__} ...", end="", file=progress, flush=True)
-        figs = check()
+        try:
+            figs = check()
+        except Exception as exc:  # noqa: BLE001 - reported as a failing figure, not lost
+            figs = [Figure("-", "-", f"{check.__name__} raised", float("nan"), 0.0, False,
+                           f"{type(exc).__name__}: {exc}")]
+            if progress is not None:
+                print(" RAISED", file=progress, flush=True)
+                traceback.print_exc(file=progress)
         figures.extend(figs)
         if progress is not None:
             bad = sum(not f.ok for f in figs)
@@ -85,11 +98,37 @@ def format_markdown(figures: list[Figure]) -> str:
            "| arch | preset | check | value | budget | ok | detail |",
            "|---|---|---|---:|---:|---|---|"]
     for f in figures:
-        out.append(f"| {f.arch} | {f.preset} | {f.check} | {f.value:.2e} | {f.budget:.0e} | "
+        budget = "-" if f.budget == float("inf") else f"{f.budget:.0e}"
+        out.append(f"| {f.arch} | {f.preset} | {f.check} | {f.value:.2e} | {budget} | "
                    f"{'ok' if f.ok else '**FAIL**'} | {f.detail.replace(chr(10), '<br>')} |")
     return "\n".join(out) + "\n"
 
 
+def _finite_or_none(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
 def to_json(figures: list[Figure]) -> str:
-    """``[{"arch", "preset", "check", "value", "budget", "ok", "detail"}]``."""
-    return json.dumps([f.as_dict() for f in figures], indent=2)
+    """``[{"arch", "preset", "check", "value", "budget", "ok", "detail"}]``, strict JSON.
+
+    JSON has no infinity or NaN: ``budget`` is ``null`` for a figure without one (the
+    original formulas' explained gaps) and ``value`` is ``null`` when it is not a finite
+    number (such a figure has ``ok: false``).
+
+    Examples
+    --------
+    >>> print(to_json([Figure("a", "p", "c", float("nan"), float("inf"), False)]))
+    [
+      {
+        "arch": "a",
+        "preset": "p",
+        "check": "c",
+        "value": null,
+        "budget": null,
+        "ok": false,
+        "detail": ""
+      }
+    ]
+    """
+    rows = [{k: _finite_or_none(v) for k, v in f.as_dict().items()} for f in figures]
+    return json.dumps(rows, indent=2, allow_nan=False)
