@@ -1589,7 +1589,8 @@ FIXTURE/
   manifest.json         format version, arch, preset, full config, seed, dtype, refssm version,
                         tolerances, the loss the gradients differentiate, and per tensor:
                         name, role, shape, dtype, sha256
-  tensors.safetensors   every tensor by name (raw little-endian buffers: nothing to unpickle)
+  tensors.safetensors   every tensor by name (raw little-endian buffers: nothing to unpickle);
+                        its header records the sha256 of manifest.json's bytes
 ```
 
 Tensor names say what a tensor is: `input/...`, `output/...`, `step/...`, `cache/...`, `grad/...`, and model
@@ -1634,8 +1635,9 @@ print("written twice from the same seed: byte-identical")
 %% md
 ## Read it back, verified
 
-Reading checks every tensor's shape, dtype and sha256 against the manifest. Change one number in the tensor file
-and the fixture is refused:
+Reading checks every tensor's shape, dtype and sha256 against the manifest, and the manifest's own sha256 against
+the one the tensor file records. Change one number in the tensor file, or loosen a tolerance in the manifest, and
+the fixture is refused:
 %% code
 fixture = read_fixture(path)
 print(f"read {len(fixture.tensors)} tensors, all hashes verified")
@@ -1649,6 +1651,17 @@ open(os.path.join(tampered, "manifest.json"), "w").write(open(os.path.join(path,
 try:
     read_fixture(tampered)
     raise AssertionError("a tampered fixture was accepted")
+except FixtureError as exc:
+    print("refused:", exc)
+
+loose = os.path.join(workdir, "loose"); os.makedirs(loose)
+m = json.load(open(os.path.join(path, "manifest.json")))
+m["tolerances"]["output"] = 10.0                                      # anything would pass
+json.dump(m, open(os.path.join(loose, "manifest.json"), "w"), indent=1, sort_keys=True)
+open(os.path.join(loose, "tensors.safetensors"), "wb").write(open(os.path.join(path, "tensors.safetensors"), "rb").read())
+try:
+    read_fixture(loose)
+    raise AssertionError("a loosened manifest was accepted")
 except FixtureError as exc:
     print("refused:", exc)
 %% md
@@ -1762,7 +1775,7 @@ are float32); its distance to the float64 answer is what a float32 implementatio
 ## Summary
 
 * A fixture is a manifest (config, seed, tolerances, loss, one sha256 per tensor) and a safetensors file; same seed,
-  same bytes; a changed number is refused on read.
+  same bytes; a changed number, or an edited manifest, is refused on read.
 * `compare_tensors` / `format_compare` (the `refssm compare` command) report, tensor by tensor, the largest absolute
   and the normwise relative error against the manifest's tolerance.
 * The fixtures have teeth: five one-line mistakes in a selective scan, and a one-flag change of convention in a whole
