@@ -457,3 +457,21 @@ def test_params_not_matching_config():
     e = small("edifice")                                          # params of another preset
     with pytest.raises(ValueError, match="layers do not match the config"):
         M.forward(params, np.ones((1, 2, 5)), e)
+
+
+def test_cache_from_official_refuses_malformed_states():
+    from refssm.convert.mamba import cache_from_official, cache_to_official
+
+    conv, ssm = np.arange(48.0).reshape(2, 6, 4), np.ones((2, 6, 3))
+    cache = cache_from_official([conv, conv], [ssm, 2 * ssm])          # round trip holds
+    back_conv, back_ssm = cache_to_official(cache)
+    assert np.array_equal(back_conv[1][:, :, 1:], conv[:, :, 1:]) and np.array_equal(back_ssm[1], 2 * ssm)
+    with pytest.raises(ValueError, match=r"expected conv states \[batch, inner, K >= 1\].* got "
+                                         r"\(2, 6\) and \(2, 6, 3\)"):
+        cache_from_official([np.zeros((2, 6))], [ssm])               # was an IndexError
+    with pytest.raises(ValueError, match="one conv state and one ssm state per layer .* got 2 and 1"):
+        cache_from_official([conv, conv], [ssm])                     # was stacked silently
+    with pytest.raises(ValueError, match=r"layer 1 has \(2, 6, 5\) and \(2, 6, 3\)"):
+        cache_from_official([conv, np.zeros((2, 6, 5))], [ssm, ssm])
+    with pytest.raises(ValueError, match="same batch and inner"):
+        cache_from_official([conv], [np.ones((2, 7, 3))])

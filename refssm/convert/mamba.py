@@ -271,8 +271,23 @@ def cache_from_official(conv_states, ssm_states) -> MambaCache:
     >>> cache.h.shape, cache.conv.shape
     ((2, 1, 6, 3), (2, 1, 3, 6))
     """
-    conv = np.stack([np.asarray(c)[:, :, 1:].transpose(0, 2, 1) for c in conv_states], axis=1)
-    h = np.stack([np.asarray(s) for s in ssm_states], axis=1)
+    conv_states = [np.asarray(c) for c in conv_states]
+    ssm_states = [np.asarray(s) for s in ssm_states]
+    if not conv_states or len(conv_states) != len(ssm_states):
+        raise ValueError(f"cache_from_official: expected one conv state and one ssm state per "
+                         f"layer (at least one), got {len(conv_states)} and {len(ssm_states)}")
+    c0, s0 = conv_states[0], ssm_states[0]
+    if c0.ndim != 3 or s0.ndim != 3 or c0.shape[:2] != s0.shape[:2] or c0.shape[2] < 1:
+        raise ValueError(f"cache_from_official: expected conv states [batch, inner, K >= 1] and "
+                         f"ssm states [batch, inner, N] of the same batch and inner, got "
+                         f"{c0.shape} and {s0.shape}")
+    for i, (c, s) in enumerate(zip(conv_states, ssm_states)):
+        if c.shape != c0.shape or s.shape != s0.shape:
+            raise ValueError(f"cache_from_official: expected every layer's states to have the "
+                             f"shapes of layer 0, {c0.shape} and {s0.shape}; layer {i} has "
+                             f"{c.shape} and {s.shape}")
+    conv = np.stack([c[:, :, 1:].transpose(0, 2, 1) for c in conv_states], axis=1)
+    h = np.stack(ssm_states, axis=1)
     return MambaCache(h=h, conv=conv)
 
 

@@ -1474,7 +1474,8 @@ def _run(params: dict, x, config, state, return_sequence: bool, training: bool, 
         raise ValueError("state: GatedSSM scan_mode 'legacy' has no carried state (its weights "
                          "are normalised over the whole sequence), expected None")
     has_state = state is not None
-    state = (init_cache(c, batch) if state is None else _check_cache(state, c, batch)) \
+    state = (init_cache(c, batch, dtype=x.dtype) if state is None
+             else _check_cache(state, c, batch)) \
         if causal else None
     rng = None
     if training and c.dropout > 0:

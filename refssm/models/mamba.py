@@ -1036,7 +1036,7 @@ def forward(params: dict, x, config=None, *, state: Optional[MambaCache] = None,
     x = _check_x(x, c)
     params = check_params(params, param_shapes(c))
     batch = x.shape[0]
-    state = init_cache(c, batch) if state is None else _check_cache(state, c, batch)
+    state = init_cache(c, batch, dtype=x.dtype) if state is None else _check_cache(state, c, batch)
     rng = None
     if training and c.dropout > 0:
         if seed is None:
@@ -1918,7 +1918,7 @@ def forward_with_saved(params: dict, x, config=None, *, state: Optional[MambaCac
     params = check_params(params, param_shapes(c))
     batch, seq_len = x.shape[:2]
     has_state = state is not None
-    state = init_cache(c, batch) if state is None else _check_cache(state, c, batch)
+    state = init_cache(c, batch, dtype=x.dtype) if state is None else _check_cache(state, c, batch)
     rng = None
     if training and c.dropout > 0:
         if seed is None:

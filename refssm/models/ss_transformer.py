@@ -2109,7 +2109,7 @@ def _prepare(params, x, c, state, training, seed, engine, caller):
     params = check_params(params, param_shapes(c))
     batch = x.shape[0]
     has_state = state is not None
-    state = init_cache(c, batch) if state is None else _check_cache(state, c, batch)
+    state = init_cache(c, batch, dtype=x.dtype) if state is None else _check_cache(state, c, batch)
     rng = None
     if training and c.dropout > 0:
         if seed is None:
