@@ -273,5 +273,32 @@ def test_bad_engine_and_clip():
     args = _good()
     with pytest.raises(ValueError, match=r"engine: expected one of .*got 'cuda'"):
         selective_scan(**args, engine="cuda")
-    with pytest.raises(ValueError, match=r"delta_clip: expected \(lo, hi\) with lo <= hi"):
-        selective_scan(**args, delta_clip=(0.1, 0.01))
+    for clip in ((0.1, 0.01), 0.1, (0.0, 0.1, 0.2), ("a", 1.0), (0.0, float("inf"))):
+        with pytest.raises(ValueError, match=r"delta_clip: expected \(lo, hi\), two finite "
+                                             r"numbers with lo <= hi, got"):
+            selective_scan(**args, delta_clip=clip)     # 0.1 was a TypeError, 3 values unpacking
+
+
+@pytest.mark.parametrize("which, shape, match", [
+    ("delta", (2, 4, 6), r"delta: expected shape \(2, 4, 5\) \[batch, channels, seq_len\] \(as u\), "
+                         r"got \(2, 4, 6\)"),
+    ("z", (2, 5, 4), r"z: expected shape \(2, 4, 5\)"),
+    ("B", (2, 3, 6), r"B: expected shape \(2, 3, 5\) \[batch, state, seq_len\] \(variable\), "
+                     r"got \(2, 3, 6\)"),
+    ("C", (2, 3, 3, 5), r"C: expected \[batch, groups, state, seq_len\] with groups dividing "
+                        r"channels=4, got shape \(2, 3, 3, 5\) \(3 groups\)"),
+    ("C", (2, 2, 3, 6), r"C: expected shape \(2, 2, 3, 5\) \[batch, groups, state, seq_len\]"),
+    ("B", (4, 2), r"B: expected shape \(4, 3\) \[channels, state\] \(constant\)"),
+    ("A", (3, 3), r"A: expected shape \(4, state\)"),
+])
+def test_drop_in_errors_speak_its_own_layout(which, shape, match):
+    # the drop-in takes [batch, channels, seq_len]; its errors used to describe (and print
+    # transposed) shapes of the internal [batch, seq_len, channels] layout
+    rng = np.random.default_rng(3)
+    args = dict(u=rng.standard_normal((2, 4, 5)), delta=rng.uniform(0.01, 0.1, (2, 4, 5)),
+                A=-np.ones((4, 3)), B=rng.standard_normal((2, 3, 5)),
+                C=rng.standard_normal((2, 3, 5)), z=rng.standard_normal((2, 4, 5)))
+    assert selective_scan_fn(**args).shape == (2, 4, 5)
+    args[which] = rng.standard_normal(shape)
+    with pytest.raises(ValueError, match=match):
+        selective_scan_fn(**args)
