@@ -31,7 +31,7 @@ def _fail(cmd, msg) -> int:
 
 def _dtypes(cmd, text):
     """``--dtypes`` split and checked: ``(list, None)`` or ``(None, exit code)``."""
-    dtypes = [d for d in text.split(",") if d]
+    dtypes = list(dict.fromkeys(d for d in text.split(",") if d))     # in order, once each
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         return None, _fail(cmd, f"--dtypes: expected a comma-separated subset of "
@@ -136,6 +136,10 @@ def _cmd_compare(args) -> int:
         if not os.path.isfile(cand):
             return _fail("compare", f"candidate: expected a .safetensors file or a folder "
                                     f"holding tensors.safetensors, got {args.candidate!r}")
+    ref = os.path.join(args.fixture, "tensors.safetensors")
+    if os.path.isfile(cand) and os.path.isfile(ref) and os.path.samefile(cand, ref):
+        return _fail("compare", f"candidate: expected another implementation's outputs, got "
+                                f"the fixture's own tensors ({cand})")
     try:
         candidate = load_file(cand)
     except Exception as exc:  # safetensors' own error types
@@ -155,8 +159,14 @@ def _cmd_plot(args) -> int:
         print(f"refssm plot: --seq-len: expected a positive integer, got {args.seq_len}",
               file=sys.stderr)
         return 2
+    if os.path.isdir(args.out):
+        return _fail("plot", f"--out: expected a .png file, got the folder {args.out!r}")
     opts = {"seq_len": args.seq_len, "seed": args.seed}
     if args.preset:
+        if args.arch in ("scan", "s5"):
+            what = "the bare selective scan" if args.arch == "scan" else "one S5 layer"
+            return _fail("plot", f"--preset: the {args.arch} plot draws {what} and takes no "
+                                 f"preset, got {args.preset!r}")
         opts["preset"] = args.preset
     try:
         plot_main(args.arch, args.out, **opts)
@@ -232,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "tensor is missing or out of tolerance, 2 if a file cannot be trusted.",
         epilog="examples:\n  refssm compare fixtures/float64/mamba_edifice_small out.safetensors")
     p.add_argument("fixture", metavar="FIXTURE", help="fixture folder")
-    p.add_argument("candidate", metavar="CANDIDATE.safetensors")
+    p.add_argument("candidate", metavar="CANDIDATE",
+                   help="a .safetensors file, or a folder holding tensors.safetensors")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
@@ -248,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.png")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default=None, help="the architecture's preset (default: its default)")
+    p.add_argument("--preset", default=None,
+                   help="mamba, gated_ssm, ss_transformer: the model's preset (default: its "
+                        "default); scan and s5 take none")
     p.set_defaults(func=_cmd_plot)
     return parser
 

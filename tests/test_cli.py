@@ -66,6 +66,7 @@ def test_a_check_that_raises_is_a_failing_figure_and_the_others_still_run(capsys
     assert [f.check for f in figs] == ["check_boom raised", "fine"]
     assert not figs[0].ok and "RuntimeError: kaput" in figs[0].detail
     assert "RAISED" in err.getvalue() and "Traceback" in err.getvalue()
+    assert "OVER BUDGET" not in err.getvalue()      # it raised; "over budget" would be wrong
     assert json.loads(to_json(figs))[0]["value"] is None
     assert "1 over budget" in format_table(figs)
 
@@ -78,6 +79,9 @@ def test_a_check_that_raises_is_a_failing_figure_and_the_others_still_run(capsys
     (["bench", "--dtypes", "float16"], "refssm bench: --dtypes: expected"),
     (["verify", "--json", "{tmp}/missing/f.json"], "--json: expected a file in an existing folder"),
     (["verify", "--report", "{tmp}"], "--report: expected a file, got the folder"),
+    (["plot", "mamba", "--out", "{tmp}"], "--out: expected a .png file, got the folder"),
+    (["plot", "s5", "--out", "{tmp}/s5.png", "--preset", "s5"], "takes no preset, got 's5'"),
+    (["plot", "scan", "--out", "{tmp}/s.png", "--preset", "edifice"], "bare selective scan"),
 ])
 def test_bad_arguments_are_refused_up_front(argv, msg, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
@@ -174,3 +178,12 @@ def test_compare_takes_a_candidate_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["compare", fx, str(tmp_path / "empty")]) == 2
     assert "expected a .safetensors file or a folder holding" in capsys.readouterr().err
+    assert main(["compare", fx, fx]) == 2                       # the fixture against itself
+    assert "got the fixture's own tensors" in capsys.readouterr().err
+
+
+def test_golden_writes_each_dtype_once(tmp_path, capsys):
+    assert main(["golden", "--out", str(tmp_path / "fx"), "--dtypes", "float64,float64"]) == 0
+    n = len(list((tmp_path / "fx").glob("*/*/manifest.json")))
+    assert f"wrote {n} fixtures" in capsys.readouterr().out and n == len(
+        list((tmp_path / "fx" / "float64").iterdir()))

@@ -217,7 +217,7 @@ def test_bad_manifest_is_a_clear_error(suite_dir, tmp_path, edit, match):
 def test_manifest_that_is_not_an_object(suite_dir, tmp_path):
     d = _copy(suite_dir, tmp_path)
     (d / "manifest.json").write_text("[1, 2]")
-    with pytest.raises(FixtureError, match=r"expected format_version 2, got None"):
+    with pytest.raises(FixtureError, match=r"expected a JSON object, got list"):
         read_fixture(d)
 
 
@@ -227,11 +227,46 @@ def test_a_tensor_dropped_from_both_files_is_refused(suite_dir, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     m["tensors"] = [e for e in m["tensors"] if e["name"] != "grad/input/A"]
     (d / "manifest.json").write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
+    from safetensors import safe_open
+    with safe_open(str(d / "tensors.safetensors"), framework="np") as fh:
+        meta = fh.metadata()                        # keep the recorded manifest sha256
     t = load_file(str(d / "tensors.safetensors"))
     del t["grad/input/A"]
-    save_file(t, str(d / "tensors.safetensors"))
+    save_file(t, str(d / "tensors.safetensors"), metadata=meta)
     with pytest.raises(FixtureError, match=r"expected the sha256 that tensors.safetensors "
-                                           r"records for it, None\.\.\., got"):
+                                           r"records for it, [0-9a-f]{16}\.\.\., got"):
+        read_fixture(d)
+    save_file(t, str(d / "tensors.safetensors"))    # and without it: says what is missing
+    with pytest.raises(FixtureError, match=r"expected the manifest's sha256 in its header "
+                                           r"metadata \(manifest_sha256, format 2\), got none"):
+        read_fixture(d)
+
+
+def test_manifest_with_other_line_endings_still_verifies(suite_dir, tmp_path):
+    # git's autocrlf rewrites text files; the recorded sha256 covers the canonical text
+    d = _copy(suite_dir, tmp_path)
+    text = (d / "manifest.json").read_bytes()
+    (d / "manifest.json").write_bytes(text.replace(b"\n", b"\r\n"))
+    assert read_fixture(d).manifest == json.loads(text)
+
+
+def test_write_fixture_refuses_what_read_fixture_would(tmp_path):
+    for tol in (float("nan"), -1.0, True, "1e-12", 10 ** 400):
+        with pytest.raises(FixtureError, match=r"write_fixture: expected tolerance 'output': "
+                                               r"a finite number >= 0"):
+            write_fixture(tmp_path / "f", arch="core", preset="-", config={}, seed=0,
+                          dtype="float64", tensors={"output/y": np.ones(2)},
+                          tolerances={"output": tol})
+    assert not (tmp_path / "f" / "manifest.json").exists()
+
+
+def test_format_1_fixture_says_to_write_it_again(suite_dir, tmp_path):
+    d = _copy(suite_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    m["format_version"] = 1
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FixtureError, match=r"got 1: format 1 fixtures .* written again with "
+                                           r"refssm golden"):
         read_fixture(d)
 
 

@@ -64,6 +64,12 @@ def _sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
+def _manifest_text(manifest: dict) -> bytes:
+    """The canonical bytes of a manifest: what :func:`write_fixture` writes and what its
+    recorded sha256 covers (so a copy whose line endings git changed still verifies)."""
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
 def _write_bytes(file, data: bytes) -> None:
     """Write ``data`` with the process's umask (``safetensors.save_file`` makes 0600 files)."""
     with open(file, "wb") as fh:
@@ -156,7 +162,8 @@ def write_fixture(path, *, arch: str, preset: str, config: dict, seed: int, dtyp
         "notes": notes,
         "tensors": entries,
     }
-    text = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    _check_manifest(manifest, "write_fixture")       # never write what read_fixture refuses
+    text = _manifest_text(manifest)
     _write_bytes(os.path.join(path, MANIFEST), text)
     meta = {"manifest_sha256": hashlib.sha256(text).hexdigest()}
     _write_bytes(os.path.join(path, TENSORS), save(clean, metadata=meta))
@@ -191,8 +198,12 @@ def _check_manifest(m, mpath) -> None:
         if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
             bad(f"{key!r}: a {typ.__name__}", m.get(key, "nothing"))
     for key, tol in m["tolerances"].items():
-        if (not isinstance(tol, (int, float)) or isinstance(tol, bool)
-                or not 0.0 <= tol < float("inf")):
+        try:
+            ok = (isinstance(tol, (int, float)) and not isinstance(tol, bool)
+                  and 0.0 <= float(tol) < float("inf"))
+        except OverflowError:                       # an int beyond float64
+            ok = False
+        if not ok:
             bad(f"tolerance {key!r}: a finite number >= 0", tol)
     for i, e in enumerate(m["tensors"]):
         if not isinstance(e, dict):
@@ -227,9 +238,14 @@ def read_fixture(path) -> Fixture:
         manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FixtureError(f"{mpath}: not valid JSON ({exc})") from exc
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise FixtureError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise FixtureError(f"{mpath}: expected format_version {FORMAT_VERSION}, got {version!r}")
+        hint = (": format 1 fixtures (before the manifest's sha256) must be written again with "
+                "refssm golden" if version == 1 else "")
+        raise FixtureError(f"{mpath}: expected format_version {FORMAT_VERSION}, got "
+                           f"{version!r}{hint}")
     _check_manifest(manifest, mpath)
     tensors, meta = _load_safetensors(tpath)
     listed = {e["name"]: e for e in manifest["tensors"]}
@@ -250,11 +266,15 @@ def read_fixture(path) -> Fixture:
             raise FixtureError(f"{name}: sha256 mismatch (expected {e['sha256'][:16]}..., got "
                                f"{digest[:16]}...): the file was changed after it was written")
     recorded = meta.get("manifest_sha256")
-    digest = hashlib.sha256(text).hexdigest()
+    if recorded is None:
+        raise FixtureError(f"{tpath}: expected the manifest's sha256 in its header metadata "
+                           f"(manifest_sha256, format 2), got none: written by another tool, or "
+                           f"rewritten after refssm wrote it")
+    digest = hashlib.sha256(_manifest_text(manifest)).hexdigest()
     if recorded != digest:
         raise FixtureError(
             f"{mpath}: expected the sha256 that {TENSORS} records for it, "
-            f"{str(recorded)[:16]}..., got {digest[:16]}...: the manifest (tolerances, config, "
+            f"{recorded[:16]}..., got {digest[:16]}...: the manifest (tolerances, config, "
             f"tensor list) was changed after it was written, or the files are from two fixtures")
     return Fixture(manifest, tensors)
 

@@ -39,11 +39,12 @@ def run_checks(checks=None, progress=sys.stderr) -> list[Figure]:
         try:
             figs = check()
         except Exception as exc:  # noqa: BLE001 - reported as a failing figure, not lost
-            figs = [Figure("-", "-", f"{check.__name__} raised", float("nan"), 0.0, False,
-                           f"{type(exc).__name__}: {exc}")]
+            figures.append(Figure("-", "-", f"{check.__name__} raised", float("nan"), 0.0,
+                                  False, f"{type(exc).__name__}: {exc}"))
             if progress is not None:
                 print(" RAISED", file=progress, flush=True)
                 traceback.print_exc(file=progress)
+            continue
         figures.extend(figs)
         if progress is not None:
             bad = sum(not f.ok for f in figs)
