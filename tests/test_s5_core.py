@@ -352,6 +352,10 @@ def test_fft_engines_refuse_a_growing_kernel_the_scans_do_not():
         y2 = S.s5_ssm_forward(params, u, engine=engine)[0]
         early = max(normwise_error(y2[:, k], y[:, k]) for k in range(10))
         assert early <= SCAN, f"{engine}: {early:.2e}"
+    from refssm.scan import s5_engines as E
+    lam = np.array([np.nan + 0j, 0.5 + 0j])
+    with pytest.raises(ValueError, match="fft: expected a finite Lambda_bar, got NaN or inf"):
+        E.linear_scan_fft(lam, np.ones((1, 3, 2), complex), np.zeros((1, 2), complex))
     # growth 1.5 (<= FFT_MAX_GROWTH): accepted, and as exact as for a stable system
     params["Lambda_re"][0] = math.log(1.5) / (0.1 * (L - 1))
     y, _, _ = S.s5_ssm_forward(params, u)

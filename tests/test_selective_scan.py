@@ -273,7 +273,8 @@ def test_bad_engine_and_clip():
     args = _good()
     with pytest.raises(ValueError, match=r"engine: expected one of .*got 'cuda'"):
         selective_scan(**args, engine="cuda")
-    for clip in ((0.1, 0.01), 0.1, (0.0, 0.1, 0.2), ("a", 1.0), (0.0, float("inf"))):
+    for clip in ((0.1, 0.01), 0.1, (0.0, 0.1, 0.2), ("a", 1.0), (0.0, float("inf")), "12",
+                 (True, True), (0, 10 ** 400)):
         with pytest.raises(ValueError, match=r"delta_clip: expected \(lo, hi\), two finite "
                                              r"numbers with lo <= hi, got"):
             selective_scan(**args, delta_clip=clip)     # 0.1 was a TypeError, 3 values unpacking
@@ -302,3 +303,13 @@ def test_drop_in_errors_speak_its_own_layout(which, shape, match):
     args[which] = rng.standard_normal(shape)
     with pytest.raises(ValueError, match=match):
         selective_scan_fn(**args)
+
+
+def test_drop_in_reports_a_nan_at_its_own_index():
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((1, 2, 6))
+    u[0, 1, 5] = np.nan                              # [batch, channels, seq_len]
+    with pytest.raises(ValueError, match=r"u: expected finite values, got 1 NaN/inf entries "
+                                         r"\(first at index \(0, 1, 5\)"):
+        selective_scan_fn(u, np.full((1, 2, 6), 0.1), -np.ones((2, 3)),
+                          rng.standard_normal((1, 3, 6)), rng.standard_normal((1, 3, 6)))

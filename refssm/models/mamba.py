@@ -877,7 +877,8 @@ def _A(params: dict, name: str, c: MambaConfig) -> np.ndarray:
     """The continuous-time ``A [inner, N]``: ``-exp(A_log)`` or Edifice's fixed ``-(1..N)``."""
     if c.a_param == "learned":
         return -np.exp(params[name]["A_log"])
-    return -np.tile(np.arange(1.0, c.state_size + 1), (c.inner_size, 1))
+    dtype = params[f"{name}_dt_proj"]["bias"].dtype       # the parameters' (float32 stays so)
+    return -np.tile(np.arange(1, c.state_size + 1, dtype=dtype), (c.inner_size, 1))
 
 
 def _ssm_projections(params: dict, xs: np.ndarray, c: MambaConfig, name: str):

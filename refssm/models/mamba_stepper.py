@@ -85,8 +85,9 @@ def _norm(x, g, beta, layer, eps, out):
         d = x[i] - mean
         var += d * d
     if not np.isfinite(var):      # x * x overflowed: rstd would be 0, out = beta (wrong)
-        raise ValueError("norm: expected a finite variance / mean square of the frame's "
-                         "features, got inf or NaN (|x| above ~1.3e154 overflows x * x)")
+        raise ValueError("norm: expected a finite variance / mean square of a norm's input "
+                         "features, got inf or NaN (computed in float64: features near "
+                         "1e154 overflow x * x)")
     rstd = 1.0 / np.sqrt(var / H + eps)
     for i in range(H):
         out[i] = (x[i] - mean) * rstd * g[i] + beta[i]

@@ -62,14 +62,15 @@ def _check(x, gamma, name):
 def _check_moment(m, x, name, what):
     """Refuse a non-finite second moment ``m`` ``[..., 1]``: ``x * x`` overflowed.
 
-    A finite row whose entries exceed ~1.3e154 (float64; ~1.8e19 in float32)
-    makes ``mean(x^2)`` infinite, ``rstd = 0``, and the norm would silently
+    A finite row whose entries exceed ~1.3e154 (float64; ~1.8e19 in float32), or
+    whose squares add up past the largest float, makes ``mean(x^2)`` infinite, ``rstd = 0``, and the norm would silently
     return ``beta`` (LayerNorm) or 0 (RMSNorm) whatever ``x`` is.
     """
     if not np.all(np.isfinite(m)):
         finite = np.isfinite(x)
         got = ("non-finite entries (NaN/inf)" if not finite.all() else
-               f"max |x| = {np.max(np.abs(x)):.3g}, whose square overflows {x.dtype}")
+               f"max |x| = {np.max(np.abs(x)):.3g}: the squares or their sum overflow "
+               f"{x.dtype}")
         raise ValueError(f"{name}: expected rows whose {what} is finite, got {got}; "
                          f"no exact normalisation can be returned")
 

@@ -255,8 +255,11 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_clip):
                     "[batch, channels, state]")
     if delta_clip is not None:
         try:
+            if isinstance(delta_clip, (str, bytes)) or len(delta_clip) != 2 or any(
+                    isinstance(v, (bool, np.bool_, str, bytes)) for v in delta_clip):
+                raise TypeError
             lo, hi = (float(v) for v in delta_clip)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             lo = hi = float("nan")
         if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
             raise ValueError(f"delta_clip: expected (lo, hi), two finite numbers with lo <= hi, "
@@ -490,10 +493,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def _check_official_shapes(u, delta, A, B, C, z):
     """The shapes of :func:`selective_scan_fn`, said in its own (official) layout.
 
-    The rest (dtypes, NaN, ``D``, ``delta_bias``) is checked after the transposition, by
-    :func:`selective_scan`, whose messages name no layout-dependent shape for those.
+    The time-major arrays are also checked as floats without NaN/inf here, so that a bad
+    entry is reported at its index in this layout; the rest (``A``, ``D``, ``delta_bias``
+    values) is checked by :func:`selective_scan`, whose messages hold no layout-dependent
+    index for those.
     """
     u, delta, A = np.asarray(u), np.asarray(delta), np.asarray(A)
+    for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if x is not None:
+            as_float_array(x, name)                # dtype and NaN/inf, indices as given
     if u.ndim != 3:
         raise ValueError(f"u: expected [batch, channels, seq_len], got shape {u.shape}")
     batch, channels, seq_len = u.shape
