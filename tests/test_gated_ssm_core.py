@@ -325,3 +325,22 @@ def test_bad_inputs_name_expected_and_actual():
         causal_mean_forward(x, 3, np.zeros((2, 3, 5)))
     with pytest.raises(ValueError, match=r"window an integer >= 1, got 0"):
         causal_mean_forward(x, 0)
+
+
+def test_gated_ema_step_checks_its_frame():
+    # the public one-frame step checked nothing: alpha 1.5, mismatched shapes, NaN all ran
+    from refssm.ssm.gated_ema import gated_ema_step
+
+    x, d = np.ones((2, 3)), np.full((2, 3), 0.5)
+    B = C = np.ones((2, 4))
+    ctx = np.zeros((2, 3))
+    assert gated_ema_step(x, d, B, C, ctx)[0].shape == (2, 3)
+    for alpha in (1.5, "0.5", True):
+        with pytest.raises(ValueError, match="alpha: expected a number in"):
+            gated_ema_step(x, d, B, C, ctx, alpha)
+    with pytest.raises(ValueError, match=r"delta: expected shape \(2, 1, 3\)"):
+        gated_ema_step(x, np.ones((2, 7)), B, C, ctx)
+    with pytest.raises(ValueError, match=r"initial_context: expected shape \(2, 3\)"):
+        gated_ema_step(x, d, B, C, np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="x: expected finite values"):
+        gated_ema_step(np.full((2, 3), np.nan), d, B, C, ctx)

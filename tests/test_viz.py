@@ -267,3 +267,16 @@ def test_bad_input_is_refused_with_a_clear_message():
         plot_eigenvalues(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="input_feature"):
         plot_s5_kernel(np.zeros((5, 2, 2)), input_feature=2)
+
+
+def test_state_evolution_draws_what_its_title_says():
+    # part="abs" of a real state drew the signed values under the title "(abs part)"; a zero
+    # or negative delta vanished from the log axis without a word
+    h = np.array([[[-2.0, 1.0]], [[0.5, -3.0]], [[1.0, 1.0]]])          # [seq_len 3, 1, 2]
+    fig = plot_state_evolution(h, part="abs")
+    drawn = [a for a in fig.axes if a.get_images()][0].get_images()[0].get_array()
+    assert np.array_equal(np.asarray(drawn), np.abs(h[:, 0]).T)        # [state, seq_len]
+    with pytest.raises(ValueError, match="'real' or 'abs' for real states"):
+        plot_state_evolution(h, part="imag")
+    with pytest.raises(ValueError, match=r"delta: expected every step size > 0 .* got min -0.01"):
+        plot_state_evolution(h, delta=np.array([0.05, -0.01, 0.05]))

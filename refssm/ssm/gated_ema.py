@@ -174,6 +174,8 @@ def _prepare(x, delta, B, C, alpha, scan_mode, initial_context, engine):
     if scan_mode not in SCAN_MODES:
         raise ValueError(f"scan_mode: expected one of {SCAN_MODES}, got {scan_mode!r}")
     try:
+        if isinstance(alpha, (bool, np.bool_, str, bytes)):
+            raise TypeError
         alpha = float(alpha)
     except (TypeError, ValueError):
         raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}") from None
@@ -378,6 +380,11 @@ def gated_ema_step(x, delta, B, C, context, alpha: float = 0.9):
     >>> bool(np.allclose(y, full[:, -1], rtol=0, atol=1e-15))
     True
     """
+    frames = [as_float_array(v, name, ndim=2)[:, None]                 # [b, 1, .]: one step
+              for v, name in ((x, "x"), (delta, "delta"), (B, "B"), (C, "C"))]
+    x, delta, B, C, alpha, context = (
+        v[:, 0] if i < 4 else v for i, v in enumerate(_prepare(*frames, alpha, "causal",
+                                                                context, "numpy")))
     g = selection_gate(delta)                                          # [b, 1]
     s = bc_gate(B, C)                                                  # [b, 1]
     gx = g * s * x

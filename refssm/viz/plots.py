@@ -180,6 +180,11 @@ def plot_state_evolution(states, *, inputs=None, delta=None, gate=None, channels
     raw = states
     if np.iscomplexobj(states):
         states = {"real": np.real, "imag": np.imag, "abs": np.abs}[part](states)
+    elif part == "abs":                  # a real state's abs part is |h|, as the title says
+        states = np.abs(states)
+    elif part == "imag":
+        raise ValueError("part: expected 'real' or 'abs' for real states (their imaginary "
+                         "part is 0), got 'imag'")
     seq_len, n_channels, n_state = states.shape
     chans = _pick_channels(channels, n_channels)
     t = np.arange(seq_len)
@@ -202,6 +207,9 @@ def plot_state_evolution(states, *, inputs=None, delta=None, gate=None, channels
             delta = delta[:, None]
         if delta.shape[0] != seq_len:
             raise ValueError(f"delta: expected seq_len {seq_len} on axis 0, got {delta.shape}")
+        if not (delta > 0).all():        # a log axis would drop them without a word
+            raise ValueError("delta: expected every step size > 0 (it is drawn on a log "
+                             f"scale), got min {np.min(delta):.3g}")
         panels.append("delta")
     panels += [("state", c) for c in chans]
     ratios = [0.7 if p in ("inputs", "delta", "gate") else 1.0 for p in panels]
