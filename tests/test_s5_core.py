@@ -354,7 +354,7 @@ def test_fft_engines_refuse_a_growing_kernel_the_scans_do_not():
         assert early <= SCAN, f"{engine}: {early:.2e}"
     from refssm.scan import s5_engines as E
     lam = np.array([np.nan + 0j, 0.5 + 0j])
-    with pytest.raises(ValueError, match="fft: expected a finite Lambda_bar, got NaN or inf"):
+    with pytest.raises(ValueError, match=r"Lambda_bar: expected finite values, got 1 NaN"):
         E.linear_scan_fft(lam, np.ones((1, 3, 2), complex), np.zeros((1, 2), complex))
     # growth 1.5 (<= FFT_MAX_GROWTH): accepted, and as exact as for a stable system
     params["Lambda_re"][0] = math.log(1.5) / (0.1 * (L - 1))
@@ -410,6 +410,17 @@ def test_step_equals_full_forward():
     for k in range(30):
         yk, x = S.s5_ssm_step(params, u[:, k], x)
         assert normwise_error(yk, y[:, k]) <= SCAN
+
+
+def test_lambda_powers_and_kernel_check_their_input():
+    lam = np.array([0.5 + 0.1j, 0.9 + 0j])
+    with pytest.raises(ValueError, match=r"Lambda_bar: expected 1 dimensions?"):
+        S.lambda_powers(lam[None], 3)                       # was accepted, a wrong shape out
+    with pytest.raises(ValueError, match=r"n: expected an integer >= 0, got -1"):
+        S.lambda_powers(lam, -1)
+    with pytest.raises(ValueError, match=r"s5_kernel: expected B_bar \[P, H\] and C_tilde "
+                                         r"\[H, P\] with P = 2"):
+        S.s5_kernel(lam, np.ones((3, 4)) + 0j, np.ones((4, 2)) + 0j, 5)
 
 
 def test_kernel_is_the_impulse_response():

@@ -941,7 +941,10 @@ def lambda_powers(Lambda_bar, n: int) -> np.ndarray:
            [ 0.5 +0.j,  0.  +1.j],
            [ 0.25+0.j, -1.  +0.j]])
     """
-    Lambda_bar = np.asarray(Lambda_bar, np.complex128)
+    Lambda_bar = as_float_array(Lambda_bar, "Lambda_bar", allow_complex=True, ndim=1)
+    Lambda_bar = Lambda_bar.astype(np.complex128, copy=False)
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n: expected an integer >= 0, got {n!r}")
     out = np.empty((n, Lambda_bar.shape[0]), np.complex128)
     if n:
         out[0] = 1.0
@@ -987,6 +990,12 @@ def s5_kernel(Lambda_bar, B_bar, C_tilde, seq_len: int, *, conj_sym: bool = True
     """
     c = 2.0 if conj_sym else 1.0
     powers = lambda_powers(Lambda_bar, seq_len)                          # [L, P]
+    P = powers.shape[1]
+    B_bar = as_float_array(B_bar, "B_bar", allow_complex=True, ndim=2)
+    C_tilde = as_float_array(C_tilde, "C_tilde", allow_complex=True, ndim=2)
+    if B_bar.shape[0] != P or C_tilde.shape != (B_bar.shape[1], P):
+        raise ValueError(f"s5_kernel: expected B_bar [P, H] and C_tilde [H, P] with P = {P} "
+                         f"(from Lambda_bar), got {B_bar.shape} and {C_tilde.shape}")
     return c * np.real(np.einsum("hp,kp,pj->khj", C_tilde, powers, B_bar, optimize=True))
 
 
