@@ -280,3 +280,15 @@ def test_state_evolution_draws_what_its_title_says():
         plot_state_evolution(h, part="imag")
     with pytest.raises(ValueError, match=r"delta: expected every step size > 0 .* got min -0.01"):
         plot_state_evolution(h, delta=np.array([0.05, -0.01, 0.05]))
+
+
+def test_kernel_size_leaves_exact_zeros_out_of_the_log_axis():
+    # they were drawn at 2.2e-308, stretching the axis to 1e-323 and flattening the rest
+    K = np.zeros((6, 2, 2))
+    K[0], K[2] = 1.0, 0.5
+    fig = plot_s5_kernel(K)
+    ax2 = [a for a in fig.axes if a.get_yscale() == "log"][0]
+    drawn = ax2.get_lines()[0].get_ydata()
+    assert np.isnan(drawn[[1, 3, 4, 5]]).all() and np.all(drawn[[0, 2]] > 0.1)
+    assert ax2.get_ylim()[0] > 1e-3
+    assert "exact zeros not drawn" in ax2.get_lines()[0].get_label()

@@ -163,7 +163,8 @@ def _check_trace_args(x, layer, batch, num_layers):
 
 
 def _busiest(states, k=3):
-    """The ``k`` channels of ``states [seq_len, channels, state]`` that vary most."""
+    """The ``k`` channels of ``states [seq_len, channels, state]`` whose states reach the
+    largest ``|h|``."""
     spread = np.max(np.abs(states), axis=(0, 2))
     return sorted(np.argsort(spread)[::-1][:k].tolist())
 

@@ -794,9 +794,11 @@ def plot_s5_kernel(kernel, *, input_feature: int = 0, outputs=None, title=None):
     ax.set_xlabel("lag k (time steps back)")
     ax.set_ylabel("kernel value")
     ax2 = ax.twinx()
-    ax2.plot(lags, np.maximum(size, np.finfo(float).tiny), color="k", ls="--", lw=1.2,
-             label="‖K_k‖ (right axis)")
-    ax2.set_yscale("log")
+    zeros = bool((size <= 0).any())      # exact zeros have no place on a log axis: not drawn
+    ax2.plot(lags, np.where(size > 0, size, np.nan), color="k", ls="--", lw=1.2,
+             label="‖K_k‖ (right axis)" + ("; exact zeros not drawn" if zeros else ""))
+    if (size > 0).any():
+        ax2.set_yscale("log")
     ax2.set_ylabel("‖K_k‖ (log scale)")
     ax2.set_xlabel("lag k (time steps back)")
     h1, l1 = ax.get_legend_handles_labels()
