@@ -126,6 +126,7 @@ def plot_mamba_state_evolution(model, x, *, layer: int = 1, channels=None, batch
     return plot_state_evolution(
         tr.states, inputs=tr.xs[:, chans], delta=tr.delta, channels=chans,
         input_labels=[f"channel {c}" for c in chans],
+        input_title="the scan's input x[t, c] (after the conv and SiLU)", input_ylabel="x[t, c]",
         title=title or f"Mamba layer {tr.layer}: input, step size Δ and state over time")
 
 
