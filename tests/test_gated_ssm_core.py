@@ -338,9 +338,11 @@ def test_gated_ema_step_checks_its_frame():
     for alpha in (1.5, "0.5", True):
         with pytest.raises(ValueError, match="alpha: expected a number in"):
             gated_ema_step(x, d, B, C, ctx, alpha)
-    with pytest.raises(ValueError, match=r"delta: expected shape \(2, 1, 3\)"):
+    with pytest.raises(ValueError, match=r"delta: expected shape \(2, 3\) \[batch, inner\]"):
         gated_ema_step(x, np.ones((2, 7)), B, C, ctx)
-    with pytest.raises(ValueError, match=r"initial_context: expected shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"context: expected shape \(2, 3\) \[batch, inner\]"):
         gated_ema_step(x, d, B, C, np.zeros((2, 1)))
+    with pytest.raises(ValueError, match=r"C: expected shape \(2, 4\) \[batch, state\]"):
+        gated_ema_step(x, d, B, np.ones((2, 5)), ctx)
     with pytest.raises(ValueError, match="x: expected finite values"):
         gated_ema_step(np.full((2, 3), np.nan), d, B, C, ctx)

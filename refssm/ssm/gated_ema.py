@@ -380,8 +380,14 @@ def gated_ema_step(x, delta, B, C, context, alpha: float = 0.9):
     >>> bool(np.allclose(y, full[:, -1], rtol=0, atol=1e-15))
     True
     """
-    frames = [as_float_array(v, name, ndim=2)[:, None]                 # [b, 1, .]: one step
-              for v, name in ((x, "x"), (delta, "delta"), (B, "B"), (C, "C"))]
+    x, delta, B, C, context = (as_float_array(v, name, ndim=2) for v, name in (
+        (x, "x"), (delta, "delta"), (B, "B"), (C, "C"), (context, "context")))
+    check_shape(delta, x.shape, "delta", "[batch, inner] (as x)")
+    check_shape(context, x.shape, "context", "[batch, inner] (as x)")
+    if B.shape[0] != x.shape[0]:
+        raise ValueError(f"B: expected shape ({x.shape[0]}, N) [batch, state], got {B.shape}")
+    check_shape(C, B.shape, "C", "[batch, state] (as B)")
+    frames = [v[:, None] for v in (x, delta, B, C)]                    # [b, 1, .]: one step
     x, delta, B, C, alpha, context = (
         v[:, 0] if i < 4 else v for i, v in enumerate(_prepare(*frames, alpha, "causal",
                                                                 context, "numpy")))
