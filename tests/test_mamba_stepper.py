@@ -30,7 +30,10 @@ CONFIGS = {
 def _setup(case, layers=3, seed=0):
     c = M.as_config(dict(dict(embed_dim=7, hidden_size=12, state_size=4, num_layers=layers),
                          **CONFIGS[case]))
-    params = M.random_params(c, seed=seed)
+    # "mixed": steps from 3e-4 to 0.3, so that the clip (0.001, 0.1) acts on part of them
+    # (with the default range no step reached it, and a stepper ignoring it passed)
+    params = M.random_params(c, seed=seed,
+                             **(dict(delta_range=(3e-4, 0.3)) if case == "mixed" else {}))
     x = np.random.default_rng(seed + 1).standard_normal((2, 200, c.embed_dim))
     return c, params, x
 
@@ -138,3 +141,16 @@ def test_stepper_refuses_a_frame_whose_square_overflows_the_norm():
         stepper.step(cache, x[:, 0] * 1e160)
     with pytest.raises(ValueError, match=r"rms_norm: .* overflow float64"):
         M.step(params, cache, x[:, 0] * 1e160, c)
+
+
+def test_the_mixed_case_has_its_clip_active():
+    """Teeth for the 'mixed' case: without the clip the same model gives another answer, so
+    the stepper's agreement with the clipped full forward shows it clips."""
+    c, params, x = _setup("mixed")
+    clipped = M.forward(params, x, c, return_sequence=True).output
+    c_free = M.as_config(dict(c._asdict() if hasattr(c, "_asdict") else vars(c),
+                              delta_clip=None))
+    free = M.forward(params, x, c_free, return_sequence=True).output
+    assert normwise_error(free, clipped) > 1e-3
+    got, _ = _run(make_stepper(params, c), params, c, x)
+    assert normwise_error(got, clipped) <= STEP

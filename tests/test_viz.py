@@ -191,9 +191,14 @@ def test_blelloch_trace_ends_with_exclusive_prefixes(L):
 def test_trace_mamba_is_the_model():
     model = _small_mamba()
     x = RNG.standard_normal((2, 10, 3))
+    out = model.forward(x, return_sequence=True)
     for layer in (1, 2):
         tr = trace_mamba(model, x, layer=layer, batch=1)
         assert tr.states.shape == (10, 16, 4) and tr.delta.shape == (10, 16)
+        # against the model itself: the layer's input and its final state (the y check
+        # below only ties the trace to itself)
+        assert np.array_equal(tr.x, out.hidden_states[layer - 1][1])
+        assert normwise_error(tr.states[-1], out.state.h[1, layer - 1]) < 1e-14
         y = np.einsum("tcn,tn->tc", tr.states, tr.C)
         assert normwise_error(y, tr.y_core) < 1e-14
         assert np.all(tr.delta > 0)
