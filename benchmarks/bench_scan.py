@@ -4,11 +4,15 @@ Usage::
 
     python benchmarks/bench_scan.py                # W1-W4, float64 and float32
     python benchmarks/bench_scan.py W1 W3          # chosen workloads
+    python benchmarks/bench_scan.py --help         # every option of refssm bench
 """
 import sys
 
-from refssm.bench import bench_scan, format_bench
+from refssm.cli import main
 
 if __name__ == "__main__":
-    workloads = sys.argv[1:] or ["W1", "W2", "W3", "W4"]
-    print(format_bench(bench_scan(workloads=workloads)))
+    # the command's own argument checks and --help (a bare KeyError before)
+    args = sys.argv[1:]
+    if args and not args[0].startswith("-"):
+        args = ["--workloads", ",".join(args)]
+    sys.exit(main(["bench", "--what", "scan"] + args))

@@ -84,7 +84,7 @@ def _cmd_bench(args) -> int:
     dtypes, code = _dtypes("bench", args.dtypes)
     if code is not None:
         return code
-    workloads = args.workloads.split(",")
+    workloads = list(dict.fromkeys(args.workloads.split(",")))
     for w in workloads:
         if w not in WORKLOADS:
             print(f"refssm bench: unknown workload {w!r}; expected one of {sorted(WORKLOADS)}",
@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Median of --repeats runs after a warm-up (for the scan engines, more runs "
                     "while they add up to less than 0.5 s), forward and forward+backward, "
                     "for the NumPy, Numba fused and Numba log-depth engines (and a torch "
-                    "transcription when torch is installed), with ratios against NumPy and the "
+                    "transcription when torch is installed: forward the median of up to 3 "
+                    "runs, forward+backward one run), with ratios against NumPy and the "
                     "peak extra memory. W1=(1,1536,2048,16) W2=(8,512,1024,16) W3=(1,256,60,16) "
                     "W4=(1,256,65536,16) as (batch, channels, seq_len, state).",
         epilog="examples:\n  refssm bench\n  refssm bench --what scan --workloads W1,W3 --dtypes float64"
