@@ -7,8 +7,8 @@ less than ``min_time`` in all (the selective-scan table: 0.5 s), with ratios
 against the NumPy engine of the same run and, when torch is installed, against a
 torch transcription of the official ``selective_scan_ref`` loop. The torch rows
 are cheaper to keep short: forward is the median of ``min(repeats, 3)`` runs,
-forward+backward one run (autograd over the Python loop is slow). Timings run with the allocator's
-defaults, as a user's program would. Peak extra memory is the growth of the
+forward+backward one run (autograd over the Python loop is slow). Timings run
+with the allocator's defaults, as a user's program would. Peak extra memory is the growth of the
 resident set (Linux ``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``) during one forward+backward, so it counts Numba's
 allocations as well as NumPy's. It is measured in a child process started with

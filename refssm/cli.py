@@ -75,21 +75,16 @@ def _cmd_bench(args) -> int:
     what = args.what.split(",")
     unknown = sorted(set(what) - {"scan", "models", "s5"})
     if unknown:
-        print(f"refssm bench: unknown --what {unknown}; expected scan, models, s5",
-              file=sys.stderr)
-        return 2
+        return _fail("bench", f"unknown --what {unknown}; expected scan, models, s5")
     if args.repeats < 1:
-        print(f"refssm bench: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
-        return 2
+        return _fail("bench", f"--repeats must be >= 1, got {args.repeats}")
     dtypes, code = _dtypes("bench", args.dtypes)
     if code is not None:
         return code
-    workloads = list(dict.fromkeys(args.workloads.split(",")))
+    workloads = args.workloads.split(",")             # bench_scan times each once
     for w in workloads:
         if w not in WORKLOADS:
-            print(f"refssm bench: unknown workload {w!r}; expected one of {sorted(WORKLOADS)}",
-                  file=sys.stderr)
-            return 2
+            return _fail("bench", f"unknown workload {w!r}; expected one of {sorted(WORKLOADS)}")
     if "scan" in what:
         results = bench_scan(workloads=workloads, dtypes=dtypes,
                              repeats=args.repeats, with_torch=not args.no_torch,
@@ -128,8 +123,7 @@ def _cmd_compare(args) -> int:
     try:
         fixture = read_fixture(args.fixture)
     except FixtureError as exc:
-        print(f"refssm compare: bad fixture: {exc}", file=sys.stderr)
-        return 2
+        return _fail("compare", f"bad fixture: {exc}")
     cand = args.candidate
     if os.path.isdir(cand):              # a fixture-like folder: its tensors.safetensors
         cand = os.path.join(cand, "tensors.safetensors")
@@ -143,8 +137,7 @@ def _cmd_compare(args) -> int:
     try:
         candidate = load_file(cand)
     except Exception as exc:  # safetensors' own error types
-        print(f"refssm compare: cannot read candidate {args.candidate}: {exc}", file=sys.stderr)
-        return 2
+        return _fail("compare", f"cannot read candidate {args.candidate}: {exc}")
     rows = compare_tensors(fixture, candidate)
     m = fixture.manifest
     print(f"fixture {args.fixture}: {m['arch']} / {m['preset']} / {m['dtype']}")
@@ -156,9 +149,7 @@ def _cmd_plot(args) -> int:
     from .viz import plot_main
 
     if args.seq_len < 1:
-        print(f"refssm plot: --seq-len: expected a positive integer, got {args.seq_len}",
-              file=sys.stderr)
-        return 2
+        return _fail("plot", f"--seq-len: expected a positive integer, got {args.seq_len}")
     if os.path.isdir(args.out):
         return _fail("plot", f"--out: expected a .png file, got the folder {args.out!r}")
     opts = {"seq_len": args.seq_len, "seed": args.seed}
@@ -171,8 +162,7 @@ def _cmd_plot(args) -> int:
     try:
         plot_main(args.arch, args.out, **opts)
     except ValueError as exc:
-        print(f"refssm plot: {exc}", file=sys.stderr)
-        return 2
+        return _fail("plot", str(exc))
     print(f"wrote {args.out}")
     return 0
 

@@ -23,16 +23,21 @@ MODELS = {
 CASES = [(arch, preset) for arch in sorted(MODELS) for preset in MODELS[arch][0].PRESETS]
 
 
-@pytest.mark.parametrize("arch, preset", CASES)
-def test_float32_in_float32_out_close_to_float64_from_the_same_values(arch, preset):
-    mod, opts = MODELS[arch]
-    c = mod.as_config(dict(opts, dropout=0.0, preset=preset))
+def _float32_and_float64(mod, c):
+    """The model on float32 parameters and input, and on the same values in float64."""
     p32 = {layer: {k: v.astype(np.float32) for k, v in d.items()}
            for layer, d in mod.random_params(c, seed=1).items()}
     p64 = {layer: {k: v.astype(np.float64) for k, v in d.items()} for layer, d in p32.items()}
     x32 = np.random.default_rng(0).standard_normal((2, 30, 5)).astype(np.float32)
-    a = mod.forward(p32, x32, c, return_sequence=True)
-    b = mod.forward(p64, x32.astype(np.float64), c, return_sequence=True)
+    return (mod.forward(p32, x32, c, return_sequence=True),
+            mod.forward(p64, x32.astype(np.float64), c, return_sequence=True))
+
+
+@pytest.mark.parametrize("arch, preset", CASES)
+def test_float32_in_float32_out_close_to_float64_from_the_same_values(arch, preset):
+    mod, opts = MODELS[arch]
+    c = mod.as_config(dict(opts, dropout=0.0, preset=preset))
+    a, b = _float32_and_float64(mod, c)
     assert a.output.dtype == np.float32
     assert a.state is None or all(s.dtype == np.float32 for s in a.state
                                   if isinstance(s, np.ndarray))      # legacy mode: no state
@@ -47,11 +52,6 @@ def test_s5_computes_float32_values_in_float64(preset):
     the parameters to float32, not float32 arithmetic)."""
     c = s5.as_config(dict(embed_dim=5, hidden_size=8, state_size=4, num_layers=2, dropout=0.0,
                           preset=preset))
-    p32 = {layer: {k: v.astype(np.float32) for k, v in d.items()}
-           for layer, d in s5.random_params(c, seed=1).items()}
-    p64 = {layer: {k: v.astype(np.float64) for k, v in d.items()} for layer, d in p32.items()}
-    x32 = np.random.default_rng(0).standard_normal((2, 30, 5)).astype(np.float32)
-    a = s5.forward(p32, x32, c, return_sequence=True)
-    b = s5.forward(p64, x32.astype(np.float64), c, return_sequence=True)
+    a, b = _float32_and_float64(s5, c)
     assert a.output.dtype == np.float64
     assert np.array_equal(a.output, b.output)

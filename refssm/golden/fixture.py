@@ -187,12 +187,11 @@ _ENTRY_KEYS = {"name": str, "role": str, "shape": list, "dtype": str, "sha256": 
 
 
 def _check_manifest(m, mpath) -> None:
-    """The manifest's structure: what each field must be, said when it is not."""
+    """The structure of a manifest ``m`` (a dict): what each field must be, said when it
+    is not."""
     def bad(what, got):
         raise FixtureError(f"{mpath}: expected {what}, got {got!r}"[:400])
 
-    if not isinstance(m, dict):
-        bad("a JSON object", type(m).__name__)
     for key, typ in (("arch", str), ("preset", str), ("config", dict), ("seed", int),
                      ("dtype", str), ("tolerances", dict), ("tensors", list)):
         if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):

@@ -63,8 +63,9 @@ def _check_moment(m, x, name, what):
     """Refuse a non-finite second moment ``m`` ``[..., 1]``: ``x * x`` overflowed.
 
     A finite row whose entries exceed ~1.3e154 (float64; ~1.8e19 in float32), or
-    whose squares add up past the largest float, makes ``mean(x^2)`` infinite, ``rstd = 0``, and the norm would silently
-    return ``beta`` (LayerNorm) or 0 (RMSNorm) whatever ``x`` is.
+    whose squares add up past the largest float, makes ``mean(x^2)`` infinite,
+    ``rstd = 0``, and the norm would silently return ``beta`` (LayerNorm) or 0
+    (RMSNorm) whatever ``x`` is.
     """
     if not np.all(np.isfinite(m)):
         finite = np.isfinite(x)

@@ -387,10 +387,10 @@ def gated_ema_step(x, delta, B, C, context, alpha: float = 0.9):
     if B.shape[0] != x.shape[0]:
         raise ValueError(f"B: expected shape ({x.shape[0]}, N) [batch, state], got {B.shape}")
     check_shape(C, B.shape, "C", "[batch, state] (as B)")
-    frames = [v[:, None] for v in (x, delta, B, C)]                    # [b, 1, .]: one step
-    x, delta, B, C, alpha, context = (
-        v[:, 0] if i < 4 else v for i, v in enumerate(_prepare(*frames, alpha, "causal",
-                                                                context, "numpy")))
+    # the sequence's own checks (dtype, NaN, alpha) on a sequence of one step
+    x1, d1, B1, C1, alpha, context = _prepare(x[:, None], delta[:, None], B[:, None],
+                                              C[:, None], alpha, "causal", context, "numpy")
+    x, delta, B, C = x1[:, 0], d1[:, 0], B1[:, 0], C1[:, 0]
     g = selection_gate(delta)                                          # [b, 1]
     s = bc_gate(B, C)                                                  # [b, 1]
     gx = g * s * x

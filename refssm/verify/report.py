@@ -53,12 +53,16 @@ def run_checks(checks=None, progress=sys.stderr) -> list[Figure]:
     return figures
 
 
+def _budget_text(f: Figure) -> str:
+    """A figure's budget as printed: ``-`` for the explained gaps, which have none."""
+    return "-" if f.budget == float("inf") else f"{f.budget:.0e}"
+
+
 def format_table(figures: list[Figure]) -> str:
     """A fixed-width table: arch, preset, check, value, budget, ok."""
     rows = [("arch", "preset", "check", "value", "budget", "ok")]
     for f in figures:
-        budget = "-" if f.budget == float("inf") else f"{f.budget:.0e}"
-        rows.append((f.arch, f.preset, f.check, f"{f.value:.2e}", budget,
+        rows.append((f.arch, f.preset, f.check, f"{f.value:.2e}", _budget_text(f),
                      "ok" if f.ok else "FAIL"))
     lines = text_table(rows, right={3, 4, 5})
     n_bad = sum(not f.ok for f in figures)
@@ -99,8 +103,7 @@ def format_markdown(figures: list[Figure]) -> str:
            "| arch | preset | check | value | budget | ok | detail |",
            "|---|---|---|---:|---:|---|---|"]
     for f in figures:
-        budget = "-" if f.budget == float("inf") else f"{f.budget:.0e}"
-        out.append(f"| {f.arch} | {f.preset} | {f.check} | {f.value:.2e} | {budget} | "
+        out.append(f"| {f.arch} | {f.preset} | {f.check} | {f.value:.2e} | {_budget_text(f)} | "
                    f"{'ok' if f.ok else '**FAIL**'} | {f.detail.replace(chr(10), '<br>')} |")
     return "\n".join(out) + "\n"
 
